@@ -1,0 +1,230 @@
+"""Ingest file formats: JSON Lines, CSV and lm-evaluation-harness results; and export writers.
+
+Readers turn a file into ``(line, ArchRecord)`` pairs or raise ``FormatError`` naming the file, the
+line and the field. The schemas are documented in README.md, "File formats".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from .records import ArchRecord, RecordError, parse_record
+
+CSV_COLUMNS = ("model", "arch_id", "architecture", "origin", "importance", "calibration", "metric", "value",
+               "dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "tokens", "questions",
+               "shots", "tool", "tool_version", "protocol_extra", "source", "device", "duration_s",
+               "created_at", "retracted_at", "retract_reason", "base_model")
+_PROTOCOL_INT = ("seq_len", "tokens", "questions", "shots")
+_PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "tool", "tool_version")
+MAX_JSON_DEPTH = 64
+
+
+class FormatError(ValueError):
+    """``file:line: field 'x': message`` — one line, ready to print."""
+
+    def __init__(self, path: str, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+        self.path, self.line = path, line
+
+
+def detect_format(path: Path, head: bytes) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv",):
+        return "csv"
+    if suffix == ".json":
+        return "lmeval"
+    stripped = head.lstrip()
+    if stripped.startswith(b"{") and b"\"results\"" in head[:65536] and b"\n{" not in stripped[:65536]:
+        return "lmeval"
+    return "jsonl" if stripped.startswith(b"{") else "csv"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def loads_strict(text: str) -> Any:
+    """JSON without NaN/Infinity, duplicate keys or absurd nesting."""
+    depth = 0
+    for ch in text[:200_000]:
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+    value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    _check_numbers(value, 0)
+    return value
+
+
+def _check_numbers(value: Any, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("number out of range")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_numbers(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_numbers(v, depth + 1)
+
+
+def read_jsonl(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(path, number, "is not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            data = loads_strict(line)
+        except (ValueError, RecursionError) as exc:
+            raise FormatError(path, number, f"invalid JSON: {str(exc).splitlines()[0][:120]}") from None
+        try:
+            yield number, parse_record(data, source=path)
+        except RecordError as exc:
+            raise FormatError(path, number, str(exc)) from None
+
+
+def _csv_record(row: dict[str, str], path: str) -> dict[str, Any]:
+    def text(key: str) -> str | None:
+        value = row.get(key)
+        return value if value not in (None, "") else None
+
+    def json_field(key: str) -> Any:
+        value = text(key)
+        if value is None:
+            return None
+        try:
+            return loads_strict(value)
+        except (ValueError, RecursionError) as exc:
+            raise RecordError(key, f"invalid JSON: {str(exc)[:80]}") from None
+
+    out: dict[str, Any] = {"model": text("model")}
+    arch = text("architecture")
+    if arch is not None:
+        out["architecture"] = json_field("architecture") if arch.lstrip()[:1] in "[{" else arch
+    for key in ("arch_id", "origin", "importance", "calibration"):
+        if text(key) is not None:
+            out[key] = text(key)
+    if text("base_model") is not None:
+        out["base_model"] = json_field("base_model")
+    if text("metric") is not None or text("value") is not None:
+        protocol: dict[str, Any] = {}
+        for key in _PROTOCOL_STR:
+            if row.get(key) not in (None, ""):
+                protocol[key] = row[key]
+        for key in _PROTOCOL_INT:
+            if text(key) is not None:
+                try:
+                    protocol[key] = int(text(key))  # type: ignore[arg-type]
+                except ValueError:
+                    raise RecordError(key, f"must be an integer, got {text(key)[:40]!r}") from None
+        extra = json_field("protocol_extra")
+        if extra is not None:
+            protocol["extra"] = extra
+        value_text = text("value")
+        try:
+            value: Any = float(value_text) if value_text is not None else None
+        except ValueError:
+            raise RecordError("value", f"must be a number, got {value_text[:40]!r}") from None
+        if value is None:
+            raise RecordError("value", "is missing")
+        ev: dict[str, Any] = {"metric": text("metric"), "value": value, "protocol": protocol}
+        for key in ("source", "device", "created_at", "retracted_at", "retract_reason"):
+            if text(key) is not None:
+                ev[key] = text(key)
+        if text("duration_s") is not None:
+            try:
+                ev["duration_s"] = float(text("duration_s"))  # type: ignore[arg-type]
+            except ValueError:
+                raise RecordError("duration_s", "must be a number") from None
+        out["evaluations"] = [ev]
+    return out
+
+
+def read_csv(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
+    try:
+        text_stream = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        reader = csv.DictReader(text_stream, strict=True)
+        header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FormatError(path, 1, f"cannot read the CSV header: {exc}") from None
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        raise FormatError(path, 1, f"field {unknown[0][:40]!r}: unknown column")
+    if "model" not in header:
+        raise FormatError(path, 1, "field 'model': column is missing")
+    try:
+        for row in reader:
+            number = reader.line_num
+            if None in row:
+                raise FormatError(path, number, "row has more cells than the header")
+            try:
+                yield number, parse_record(_csv_record(row, path), source=path)
+            except RecordError as exc:
+                raise FormatError(path, number, str(exc)) from None
+    except UnicodeDecodeError:
+        raise FormatError(path, None, "is not valid UTF-8") from None
+    except csv.Error as exc:
+        raise FormatError(path, reader.line_num, f"malformed CSV: {exc}") from None
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    n = 0
+    for rec in records:
+        out.write(json.dumps(rec, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n")
+        n += 1
+    return n
+
+
+def write_csv(records: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    n = 0
+    for rec in records:
+        base: dict[str, Any] = {"model": rec["model"]}
+        if "base_model" in rec:
+            base["base_model"] = json.dumps(rec["base_model"], separators=(",", ":"))
+        if "architecture" in rec:
+            base["architecture"] = json.dumps(rec["architecture"], separators=(",", ":"))
+        for key in ("arch_id", "origin", "importance", "calibration"):
+            if key in rec:
+                base[key] = rec[key]
+        evaluations = rec.get("evaluations") or [None]
+        for ev in evaluations:
+            row = dict(base)
+            if ev is not None:
+                row.update({"metric": ev["metric"], "value": repr(float(ev["value"]))})
+                for key, value in ev["protocol"].items():
+                    if key == "extra":
+                        if value:
+                            row["protocol_extra"] = json.dumps(value, sort_keys=True)
+                    elif value is not None:
+                        row[key] = value
+                for key in ("source", "device", "duration_s", "created_at", "retracted_at", "retract_reason"):
+                    if ev.get(key) is not None:
+                        row[key] = ev[key]
+            writer.writerow(row)
+            n += 1
+    return n

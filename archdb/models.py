@@ -1,0 +1,112 @@
+"""The archive's tables (SQLAlchemy 2.0 typed ORM). Alembic migrations in ``migrations/`` create them.
+
+- ``base_models``: one row per registered base model (its shape, config hash and weights location);
+- ``architectures``: canonical per-layer encodings, unique per base model by their sha256;
+- ``protocols``: how values were measured, unique by the sha256 of their fields;
+- ``evaluations``: one value per (architecture, metric, protocol); retracted, never deleted;
+- ``predictors`` and ``queries``: trained predictor versions and answered queries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint, BigInteger)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class BaseModel(Base):
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    family: Mapped[str] = mapped_column(String(40))
+    config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    location: Mapped[str | None] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(String(200))
+    num_layers: Mapped[int] = mapped_column(Integer)
+    hidden_size: Mapped[int] = mapped_column(Integer)
+    num_heads: Mapped[int] = mapped_column(Integer)
+    num_kv_heads: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    intermediate_size: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    tie_embeddings: Mapped[bool] = mapped_column(Boolean)
+    qkv_bias: Mapped[bool] = mapped_column(Boolean, default=False)
+    o_bias: Mapped[bool] = mapped_column(Boolean, default=False)
+    mlp_bias: Mapped[bool] = mapped_column(Boolean, default=False)
+    total_params: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    architectures: Mapped[list["Architecture"]] = relationship(back_populates="base_model")
+
+
+class Protocol(Base):
+    __tablename__ = "protocols"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    dataset: Mapped[str] = mapped_column(String(500))
+    split: Mapped[str] = mapped_column(String(500), default="")
+    joining: Mapped[str] = mapped_column(String(500), default="")
+    tokenizer: Mapped[str] = mapped_column(String(500), default="")
+    tokenizer_hash: Mapped[str] = mapped_column(String(500), default="")
+    seq_len: Mapped[int | None] = mapped_column(Integer)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
+    questions: Mapped[int | None] = mapped_column(BigInteger)
+    shots: Mapped[int | None] = mapped_column(Integer)
+    tool: Mapped[str] = mapped_column(String(500), default="archopt")
+    tool_version: Mapped[str] = mapped_column(String(500), default="")
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Architecture(Base):
+    __tablename__ = "architectures"
+    __table_args__ = (UniqueConstraint("base_model_id", "arch_hash", name="uq_arch_per_base"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    arch_hash: Mapped[str] = mapped_column(String(64), index=True)
+    encoding: Mapped[str] = mapped_column(Text)
+    params: Mapped[int] = mapped_column(BigInteger)
+    origin: Mapped[str] = mapped_column(String(20))
+    importance: Mapped[str | None] = mapped_column(String(40))
+    calibration: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    base_model: Mapped[BaseModel] = relationship(back_populates="architectures")
+    evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="architecture")
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        UniqueConstraint("architecture_id", "metric", "protocol_id", name="uq_eval_arch_metric_protocol"),
+        Index("ix_eval_metric_protocol", "metric", "protocol_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    architecture_id: Mapped[int] = mapped_column(ForeignKey("architectures.id"), index=True)
+    metric: Mapped[str] = mapped_column(String(200))
+    value: Mapped[float] = mapped_column(Float)
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    source: Mapped[str | None] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(200))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    retracted_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    retract_reason: Mapped[str | None] = mapped_column(Text)
+
+    architecture: Mapped[Architecture] = relationship(back_populates="evaluations")
+    protocol: Mapped[Protocol] = relationship()

@@ -1,0 +1,310 @@
+"""Writing to the archive: base models, protocols, architectures and evaluations, in bulk.
+
+Every function takes an open session from ``Archive.write()`` and leaves committing to it, so a
+caller's whole batch (one ingest file, one measured architecture) is one transaction. Inserts are
+idempotent: an existing row (same base model name, protocol key, architecture hash, or
+(architecture, metric, protocol)) is kept and counted, never duplicated nor overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from . import models as m
+from .arch import Architecture, ArchitectureError, BaseSpec, config_hash, parse_architecture
+from .protocol import Measurement, Protocol
+from .records import ArchRecord, BaseModelInfo
+
+CHUNK = 2000
+
+
+class StoreError(ValueError):
+    """A write the archive refuses; ``index`` is the position of the offending record, if any."""
+
+    def __init__(self, message: str, index: int | None = None, field_name: str | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.field = field_name
+
+
+@dataclass
+class WriteReport:
+    """What a batch did: rows added and rows that were already there."""
+
+    models_added: int = 0
+    archs_added: int = 0
+    archs_existing: int = 0
+    evaluations_added: int = 0
+    evaluations_existing: int = 0
+    arch_ids: list[str] = field(default_factory=list)
+
+    def merge(self, other: "WriteReport") -> None:
+        for name in ("models_added", "archs_added", "archs_existing", "evaluations_added", "evaluations_existing"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.arch_ids.extend(other.arch_ids)
+
+
+def _insert(session: Session, entity: Any) -> Any:
+    """A Core INSERT for the session's dialect (with ON CONFLICT support)."""
+    return (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(entity.__table__)
+
+
+def _run(session: Session, stmt: Any, rows: Any = None) -> Any:
+    """Execute Core statements on the session's connection (same transaction, plain cursor results)."""
+    conn = session.connection()
+    return conn.execute(stmt) if rows is None else conn.execute(stmt, rows)
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# --- base models ---------------------------------------------------------------------------------
+def spec_of(row: m.BaseModel) -> BaseSpec:
+    return BaseSpec(family=row.family, num_layers=row.num_layers, hidden_size=row.hidden_size,
+                    num_heads=row.num_heads, num_kv_heads=row.num_kv_heads, head_dim=row.head_dim,
+                    intermediate_size=row.intermediate_size, vocab_size=row.vocab_size,
+                    tie_embeddings=row.tie_embeddings, qkv_bias=row.qkv_bias, o_bias=row.o_bias,
+                    mlp_bias=row.mlp_bias)
+
+
+def info_of(row: m.BaseModel) -> BaseModelInfo:
+    return BaseModelInfo(row.name, spec_of(row), row.config_hash, row.location, row.revision)
+
+
+def register_base_model(session: Session, info: BaseModelInfo) -> tuple[m.BaseModel, bool]:
+    """Return the row named ``info.name``, creating it; refuse a different shape under that name."""
+    row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == info.name))
+    if row is not None:
+        if spec_of(row) != info.spec:
+            raise StoreError(f"base model {info.name!r} is registered with another shape", field_name="base_model")
+        if info.location and not row.location:
+            row.location = info.location
+        return row, False
+    spec = info.spec
+    stmt = _insert(session, m.BaseModel).values(
+        name=info.name, family=spec.family, config_hash=info.config_hash, location=info.location,
+        revision=info.revision, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        intermediate_size=spec.intermediate_size, vocab_size=spec.vocab_size,
+        tie_embeddings=spec.tie_embeddings, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias,
+        mlp_bias=spec.mlp_bias, total_params=spec.total_params, created_at=m.utcnow(),
+    ).on_conflict_do_nothing(index_elements=["name"])
+    added = _run(session, stmt).rowcount == 1
+    row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == info.name))
+    assert row is not None
+    return row, added
+
+
+def find_base_model(session: Session, text: str) -> m.BaseModel | None:
+    """A registered name, or a local path / hub id whose location or config hash is registered."""
+    row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == text))
+    if row is not None:
+        return row
+    row = session.scalar(select(m.BaseModel).where(m.BaseModel.location == text).order_by(m.BaseModel.id))
+    if row is not None:
+        return row
+    path = Path(text).expanduser()
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            digest = config_hash(json.loads(config_file.read_text()))
+        except (OSError, ValueError):
+            return None
+        return session.scalar(select(m.BaseModel).where(m.BaseModel.config_hash == digest).order_by(m.BaseModel.id))
+    return None
+
+
+# --- protocols -----------------------------------------------------------------------------------
+def protocol_ids(session: Session, protocols: Iterable[Protocol]) -> dict[str, int]:
+    """Map each protocol's key to its row id, inserting the missing ones."""
+    wanted = {p.key(): p for p in protocols}
+    found: dict[str, int] = {}
+    keys = list(wanted)
+    for chunk in _chunks(keys):
+        for pid, key in session.execute(select(m.Protocol.id, m.Protocol.key).where(m.Protocol.key.in_(chunk))):
+            found[key] = pid
+    missing = [k for k in keys if k not in found]
+    if missing:
+        now = m.utcnow()
+        rows = [{"key": k, **wanted[k].to_dict(), "created_at": now} for k in missing]
+        _run(session, _insert(session, m.Protocol).on_conflict_do_nothing(index_elements=["key"]), rows)
+        for chunk in _chunks(missing):
+            for pid, key in session.execute(select(m.Protocol.id, m.Protocol.key).where(m.Protocol.key.in_(chunk))):
+                found[key] = pid
+    return found
+
+
+def protocol_of(row: m.Protocol) -> Protocol:
+    return Protocol(dataset=row.dataset, split=row.split, joining=row.joining, tokenizer=row.tokenizer,
+                    tokenizer_hash=row.tokenizer_hash, seq_len=row.seq_len, tokens=row.tokens,
+                    questions=row.questions, shots=row.shots, tool=row.tool, tool_version=row.tool_version,
+                    extra=dict(row.extra or {}))
+
+
+# --- architectures -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NewArch:
+    arch: Architecture
+    origin: str = "ingest"
+    importance: str | None = None
+    calibration: str | None = None
+
+
+def architecture_ids(session: Session, base: m.BaseModel, archs: Sequence[NewArch]) -> tuple[dict[str, int], int]:
+    """Map each architecture's hash to its row id, inserting missing ones (first origin wins).
+
+    Returns the mapping and the number of rows added.
+    """
+    by_hash: dict[str, NewArch] = {}
+    for item in archs:
+        by_hash.setdefault(item.arch.arch_id(base.name), item)
+    found: dict[str, int] = {}
+
+    def load(hashes: Sequence[str]) -> None:
+        for chunk in _chunks(hashes):
+            q = select(m.Architecture.id, m.Architecture.arch_hash).where(
+                m.Architecture.base_model_id == base.id, m.Architecture.arch_hash.in_(chunk))
+            for aid, h in session.execute(q):
+                found[h] = aid
+
+    load(list(by_hash))
+    missing = [h for h in by_hash if h not in found]
+    added = 0
+    if missing:
+        now = m.utcnow()
+        rows = [{"base_model_id": base.id, "arch_hash": h, "encoding": by_hash[h].arch.canonical_json(),
+                 "params": by_hash[h].arch.params, "origin": by_hash[h].origin,
+                 "importance": by_hash[h].importance, "calibration": by_hash[h].calibration,
+                 "created_at": now} for h in missing]
+        stmt = _insert(session, m.Architecture).on_conflict_do_nothing(
+            index_elements=["base_model_id", "arch_hash"])
+        for chunk in _chunks(rows):
+            _run(session, stmt, list(chunk))
+        before = len(found)
+        load(missing)
+        added = len(found) - before
+    return found, added
+
+
+# --- evaluations ---------------------------------------------------------------------------------
+def insert_evaluations(session: Session, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Insert evaluation rows (dicts of column values); returns (added, already there)."""
+    unique: dict[tuple[int, str, int], dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault((row["architecture_id"], row["metric"], row["protocol_id"]), row)
+    keys = list(unique)
+    existing: set[tuple[int, str, int]] = set()
+    for chunk in _chunks(keys, 500):
+        q = select(m.Evaluation.architecture_id, m.Evaluation.metric, m.Evaluation.protocol_id).where(
+            tuple_(m.Evaluation.architecture_id, m.Evaluation.metric, m.Evaluation.protocol_id).in_(chunk))
+        existing.update(tuple(r) for r in session.execute(q))
+    new_rows = [unique[k] for k in keys if k not in existing]
+    added = 0
+    if new_rows:
+        stmt = _insert(session, m.Evaluation).on_conflict_do_nothing(
+            index_elements=["architecture_id", "metric", "protocol_id"])
+        for chunk in _chunks(new_rows):
+            result = _run(session, stmt, list(chunk))
+            added += max(result.rowcount, 0) if result.rowcount is not None else len(chunk)
+    return added, len(rows) - added
+
+
+def record_measurements(session: Session, base: m.BaseModel, item: NewArch,
+                        measurements: Sequence[Measurement], source: str | None = None) -> WriteReport:
+    """Store one architecture and its measured values (the evaluator's path)."""
+    ids, archs_added = architecture_ids(session, base, [item])
+    arch_hash = item.arch.arch_id(base.name)
+    pids = protocol_ids(session, [x.protocol for x in measurements])
+    now = m.utcnow()
+    rows = [{"architecture_id": ids[arch_hash], "metric": x.metric, "value": float(x.value),
+             "protocol_id": pids[x.protocol.key()], "source": source, "device": x.device,
+             "duration_s": x.duration_s, "created_at": now} for x in measurements]
+    added, existing = insert_evaluations(session, rows)
+    return WriteReport(archs_added=archs_added, archs_existing=1 - archs_added,
+                       evaluations_added=added, evaluations_existing=existing, arch_ids=[arch_hash])
+
+
+def ingest_records(session: Session, records: Sequence[ArchRecord]) -> WriteReport:
+    """Validate every record against its base model and write them all (caller's transaction).
+
+    Raises ``StoreError`` with the record's index on the first impossible record.
+    """
+    report = WriteReport()
+    bases: dict[str, m.BaseModel] = {}
+    for i, rec in enumerate(records):
+        if rec.model in bases:
+            if rec.base is not None and rec.base.spec != spec_of(bases[rec.model]):
+                raise StoreError(f"base model {rec.model!r} is registered with another shape", i, "base_model")
+            continue
+        if rec.base is not None:
+            row, added = register_base_model(session, rec.base)
+            if spec_of(row) != rec.base.spec:
+                raise StoreError(f"base model {rec.model!r} is registered with another shape", i, "base_model")
+            report.models_added += int(added)
+        else:
+            row = session.scalar(select(m.BaseModel).where(m.BaseModel.name == rec.model))
+            if row is None:
+                raise StoreError(f"unknown base model {rec.model!r} and no base_model description to create it",
+                                 i, "model")
+        bases[rec.model] = row
+
+    specs = {name: spec_of(row) for name, row in bases.items()}
+    per_base: dict[str, list[tuple[int, NewArch]]] = {}
+    for i, rec in enumerate(records):
+        if rec.architecture is None:
+            continue
+        try:
+            arch = parse_architecture(specs[rec.model], rec.architecture)
+        except ArchitectureError as exc:
+            raise StoreError(str(exc), i, "architecture") from None
+        if rec.arch_id and arch.arch_id(rec.model) != rec.arch_id:
+            raise StoreError("arch_id does not match the architecture", i, "arch_id")
+        per_base.setdefault(rec.model, []).append(
+            (i, NewArch(arch, rec.origin, rec.importance, rec.calibration)))
+
+    pids = protocol_ids(session, [v.protocol for rec in records for v in rec.values])
+    eval_rows: list[dict[str, Any]] = []
+    now = m.utcnow()
+    for name, items in per_base.items():
+        base = bases[name]
+        ids, added = architecture_ids(session, base, [a for _, a in items])
+        report.archs_added += added
+        report.archs_existing += len({a.arch.arch_id(name) for _, a in items}) - added
+        for i, item in items:
+            h = item.arch.arch_id(name)
+            report.arch_ids.append(h)
+            for v in records[i].values:
+                eval_rows.append({
+                    "architecture_id": ids[h], "metric": v.metric, "value": v.value,
+                    "protocol_id": pids[v.protocol.key()], "source": v.source, "device": v.device,
+                    "duration_s": v.duration_s, "created_at": v.created_at or now,
+                    "retracted_at": v.retracted_at, "retract_reason": v.retract_reason})
+    added, existing = insert_evaluations(session, eval_rows)
+    report.evaluations_added += added
+    report.evaluations_existing += existing
+    return report
+
+
+def retract_evaluation(session: Session, evaluation_id: int, why: str) -> m.Evaluation:
+    row = session.get(m.Evaluation, evaluation_id)
+    if row is None:
+        raise StoreError(f"no evaluation with id {evaluation_id}")
+    if row.retracted_at is None:
+        row.retracted_at = m.utcnow()
+        row.retract_reason = why
+    return row
+
+
+def now_iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -1,0 +1,70 @@
+"""``Evaluator``: the prepared tasks of a metric list, applied to one model after another."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from archopt.archdb.arch import Architecture
+from archopt.archdb.protocol import Measurement
+
+from .importance import Importance
+from .loading import BaseModel, model_device
+from .mmlu import MmluTask
+from .perplexity import PerplexityTask
+from .pruning import prune_model
+
+METRICS = ("ppl_wikitext2", "ppl_ptb", "mmlu")
+
+
+def free_memory(device: torch.device | str | None = None) -> None:
+    """Collect garbage and return cached CUDA memory (between architectures)."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+class Evaluator:
+    """Tasks for ``metrics`` (``ppl_wikitext2``, ``ppl_ptb``, ``mmlu``), tokenized once at construction."""
+
+    def __init__(self, tokenizer: Any, metrics: Sequence[str] = ("ppl_wikitext2",), *,
+                 data_dir: str | Path | None = None, seq_len: int = 128, max_tokens: int | None = None,
+                 max_questions: int | None = None, shots: int = 5, ptb_split: str = "validation",
+                 batch_size: int | None = None, cache_dir: str | Path | None = None) -> None:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
+        if not metrics:
+            raise ValueError("no metric to evaluate")
+        self.metrics = list(dict.fromkeys(metrics))
+        self.tasks: dict[str, PerplexityTask | MmluTask] = {}
+        for metric in self.metrics:
+            if metric == "mmlu":
+                self.tasks[metric] = MmluTask.prepare(tokenizer, data_dir=data_dir, shots=shots,
+                                                      max_questions=max_questions)
+            else:
+                self.tasks[metric] = PerplexityTask.prepare(
+                    tokenizer, metric, data_dir=data_dir, split=ptb_split if metric == "ppl_ptb" else None,
+                    seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
+
+    def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
+        """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject."""
+        out: list[Measurement] = []
+        for task in self.tasks.values():
+            result = task.evaluate(model)
+            out.extend(result if isinstance(result, list) else [result])
+        return out
+
+    def evaluate_architecture(self, base: BaseModel, arch: Architecture,
+                              importance: Importance | None) -> list[Measurement]:
+        """Prune ``base`` to ``arch``, measure it, and free the pruned model before returning."""
+        model = prune_model(base, arch, importance)
+        device = model_device(model)
+        try:
+            return self.evaluate(model)
+        finally:
+            del model
+            free_memory(device)

@@ -1,0 +1,292 @@
+"""Per-layer importance of every KV group and every MLP channel, cached on disk by a descriptive key.
+
+Units scored (per decoder layer):
+
+- a KV group: its K and V heads with all its query heads, i.e. the group's rows of q/k/v_proj (and
+  their biases) and the matching columns of o_proj;
+- an MLP channel: its rows of gate_proj and up_proj (and biases) and its column of down_proj.
+
+Criteria (summed over those parameters):
+
+- ``taylor``: LLM-Pruner's ``param_first``, ``|w * dL/dw|`` with the gradient of the LM loss (mean over
+  the calibration tokens) accumulated over ``samples`` windows of ``seq_len`` tokens drawn with
+  ``seed`` from a calibration text. Computed in float32.
+- ``l2``: the squared magnitude ``w ** 2`` (torch-pruning's ``MagnitudeImportance(p=2)``), data free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from archopt.archdb.arch import Architecture, BaseSpec
+
+from .loading import BaseModel, model_device
+from .tokenization import encode_text, text_sha256, tokenizer_hash
+
+CRITERIA = ("taylor", "l2")
+KEY_VERSION = 1
+MAX_CALIBRATION_CHARS = 2_000_000
+
+
+@dataclass
+class Importance:
+    """Scores of one base model: ``kv_group`` [layers, kv heads] and ``channel`` [layers, intermediate]."""
+
+    key: str
+    criterion: str
+    kv_group: np.ndarray
+    channel: np.ndarray
+    config_hash: str = ""
+    calibration: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----- what pruning keeps -------------------------------------------------------------------
+    def kept_kv_groups(self, layer: int, count: int) -> np.ndarray:
+        """Indices (sorted) of the ``count`` highest-scoring KV groups of ``layer``; ties keep lower indices."""
+        return _top_sorted(self.kv_group[layer], count)
+
+    def kept_channels(self, layer: int, count: int) -> np.ndarray:
+        """Indices (sorted) of the ``count`` highest-scoring MLP channels of ``layer``."""
+        return _top_sorted(self.channel[layer], count)
+
+    # ----- totals and removed shares, for predictor features ------------------------------------
+    def attention_totals(self) -> np.ndarray:
+        return self.kv_group.sum(axis=1)
+
+    def mlp_totals(self) -> np.ndarray:
+        return self.channel.sum(axis=1)
+
+    def layer_totals(self) -> np.ndarray:
+        """Total importance of each layer (attention plus MLP)."""
+        return self.attention_totals() + self.mlp_totals()
+
+    def removed_share(self, arch: Architecture, part: str = "layer") -> np.ndarray:
+        """Per layer, the share of its importance that ``arch`` removes (1.0 for a dropped layer).
+
+        ``part``: ``attention``, ``mlp`` or ``layer`` (both together).
+        """
+        if part not in ("attention", "mlp", "layer"):
+            raise ValueError(f"part must be attention, mlp or layer, got {part!r}")
+        self.check_spec(arch.spec)
+        shares = np.zeros(len(arch.layers))
+        for i, layer in enumerate(arch.layers):
+            attn_total, mlp_total = float(self.kv_group[i].sum()), float(self.channel[i].sum())
+            if layer.dropped:
+                shares[i] = 1.0
+                continue
+            attn_kept = float(self.kv_group[i][self.kept_kv_groups(i, layer.kv_heads)].sum())
+            mlp_kept = float(self.channel[i][self.kept_channels(i, layer.intermediate)].sum())
+            if part == "attention":
+                kept, total = attn_kept, attn_total
+            elif part == "mlp":
+                kept, total = mlp_kept, mlp_total
+            else:
+                kept, total = attn_kept + mlp_kept, attn_total + mlp_total
+            shares[i] = 0.0 if total <= 0 else max(0.0, 1.0 - kept / total)
+        return shares
+
+    def check_spec(self, spec: BaseSpec) -> None:
+        want = ((spec.num_layers, spec.num_kv_heads), (spec.num_layers, spec.intermediate_size))
+        if (self.kv_group.shape, self.channel.shape) != want:
+            raise ValueError(f"importance shapes {self.kv_group.shape}/{self.channel.shape} do not fit the "
+                             f"base model ({want[0]}/{want[1]})")
+
+    def calibration_label(self) -> str | None:
+        """One-line calibration description (``None`` for data-free criteria), as the archive stores it."""
+        c = self.calibration
+        if not c:
+            return None
+        return f"{c['name']}/{c['samples']}x{c['seq_len']}/seed{c['seed']}/sha256:{c['text_sha256'][:16]}"
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready summary for saved models and the archive."""
+        return {"key": self.key, "criterion": self.criterion, "config_hash": self.config_hash,
+                "calibration": self.calibration, "calibration_label": self.calibration_label()}
+
+    # ----- disk ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write an ``.npz`` atomically (arrays plus the metadata as JSON text)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"key": self.key, "criterion": self.criterion, "config_hash": self.config_hash,
+                "calibration": self.calibration, "meta": self.meta}
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, kv_group=self.kv_group, channel=self.channel, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Importance":
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            return cls(key=meta["key"], criterion=meta["criterion"], kv_group=data["kv_group"].copy(),
+                       channel=data["channel"].copy(), config_hash=meta.get("config_hash", ""),
+                       calibration=meta.get("calibration"), meta=meta.get("meta", {}))
+
+
+def _top_sorted(scores: np.ndarray, count: int) -> np.ndarray:
+    if not 0 < count <= len(scores):
+        raise ValueError(f"cannot keep {count} of {len(scores)} units")
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:count])
+
+
+def importance_key(base: BaseModel, criterion: str, calibration: dict[str, Any] | None) -> str:
+    """sha256 of (config hash, weights fingerprint, criterion, calibration spec)."""
+    payload = {"v": KEY_VERSION, "config_hash": base.config_hash, "weights": base.weights_fingerprint(),
+               "criterion": criterion, "calibration": calibration}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def compute_importance(base: BaseModel, criterion: str = "taylor", calibration_text: str | None = None,
+                       samples: int = 10, seq_len: int = 64, seed: int = 0,
+                       cache_dir: str | Path | None = None, *, calibration_name: str | None = None,
+                       data_dir: str | Path | None = None, batch_size: int = 2) -> Importance:
+    """Importance of ``base`` by ``criterion`` (``taylor`` or ``l2``), read from ``cache_dir/<key>.npz`` if there.
+
+    ``taylor`` without ``calibration_text`` uses PTB train (``data.calibration_text``, from ``data_dir``
+    or ``datasets``). Only the first 2,000,000 characters of a calibration text are tokenized.
+    Without ``cache_dir`` nothing is cached.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown importance criterion {criterion!r}: use {' or '.join(CRITERIA)}")
+    calibration: dict[str, Any] | None = None
+    if criterion == "taylor":
+        if calibration_text is None:
+            from .data import calibration_text as default_calibration
+
+            calibration_text, default_name = default_calibration(data_dir)
+            calibration_name = calibration_name or default_name
+        calibration = {"name": calibration_name or "text", "text_sha256": text_sha256(calibration_text),
+                       "samples": int(samples), "seq_len": int(seq_len), "seed": int(seed),
+                       "tokenizer_hash": tokenizer_hash(base.tokenizer)}
+    key = importance_key(base, criterion, calibration)
+    cache_file = Path(cache_dir) / f"{key}.npz" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        return Importance.load(cache_file)
+
+    if criterion == "taylor":
+        assert calibration_text is not None
+        batch = calibration_batch(base.tokenizer, calibration_text, samples, seq_len, seed)
+        kv, ch = taylor_scores(base.model, base.spec, batch, batch_size=batch_size)
+    else:
+        kv, ch = l2_scores(base.model, base.spec)
+    result = Importance(key=key, criterion=criterion, kv_group=kv, channel=ch,
+                        config_hash=base.config_hash, calibration=calibration)
+    if cache_file is not None:
+        result.save(cache_file)
+    return result
+
+
+def calibration_batch(tokenizer: Any, text: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at start offsets drawn with ``numpy`` ``default_rng(seed)``."""
+    if samples < 1 or seq_len < 2:
+        raise ValueError("calibration needs at least 1 sample of at least 2 tokens")
+    ids = encode_text(tokenizer, text[:MAX_CALIBRATION_CHARS], add_special_tokens=False)
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    starts = np.random.default_rng(seed).integers(0, ids.numel() - seq_len + 1, size=samples)
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+# ----- scoring ------------------------------------------------------------------------------------
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of decoder layers of a Llama-layout causal LM."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no decoder layers at .model.layers")
+    return layers
+
+
+def _prunable_params(layer: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
+    attn, mlp = layer.self_attn, layer.mlp
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        yield lin.weight
+        if lin.bias is not None:
+            yield lin.bias
+
+
+def _layer_group_scores(layer: torch.nn.Module, spec: BaseSpec,
+                        score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce element scores of one layer's prunable tensors to [kv groups] and [channels]."""
+    attn, mlp = layer.self_attn, layer.mlp
+    kv, d = spec.num_kv_heads, spec.head_dim
+
+    def rows(lin: torch.nn.Linear) -> torch.Tensor:
+        s = score(lin.weight).sum(dim=1)
+        return s + score(lin.bias) if lin.bias is not None else s
+
+    groups = rows(attn.q_proj).reshape(kv, -1).sum(1)
+    groups = groups + rows(attn.k_proj).reshape(kv, d).sum(1) + rows(attn.v_proj).reshape(kv, d).sum(1)
+    groups = groups + score(attn.o_proj.weight).sum(dim=0).reshape(kv, -1).sum(1)
+    channels = rows(mlp.gate_proj) + rows(mlp.up_proj) + score(mlp.down_proj.weight).sum(dim=0)
+    return (groups.double().cpu().numpy(), channels.double().cpu().numpy())
+
+
+def _stack_scores(model: torch.nn.Module, spec: BaseSpec,
+                  score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    kv_rows, ch_rows = [], []
+    for layer in decoder_layers(model):
+        g, c = _layer_group_scores(layer, spec, score)
+        kv_rows.append(g)
+        ch_rows.append(c)
+    return np.stack(kv_rows), np.stack(ch_rows)
+
+
+@torch.no_grad()
+def l2_scores(model: torch.nn.Module, spec: BaseSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Squared-magnitude scores (data free)."""
+    return _stack_scores(model, spec, lambda t: t.detach().float().pow(2))
+
+
+def taylor_scores(model: torch.nn.Module, spec: BaseSpec, batch: torch.Tensor,
+                  batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """First-order Taylor scores ``|w * dL/dw|`` from one float32 gradient pass over ``batch``.
+
+    Only the prunable projections get gradients; the model returns to its dtype, ``requires_grad``
+    flags and eval mode afterwards, with its gradients freed.
+    """
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    orig_dtype = params[0].dtype
+    device = model_device(model)
+    try:
+        if orig_dtype != torch.float32:
+            model.float()
+        for p in params:
+            p.requires_grad_(False)
+        for layer in decoder_layers(model):
+            for p in _prunable_params(layer):
+                p.requires_grad_(True)
+                p.grad = None
+        model.eval()
+        total = batch.shape[0]
+        with torch.enable_grad():
+            for start in range(0, total, max(1, batch_size)):
+                ids = batch[start: start + batch_size].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss * (ids.shape[0] / total)).backward()
+        with torch.no_grad():
+            def score(t: torch.Tensor) -> torch.Tensor:
+                if t.grad is None:
+                    return torch.zeros_like(t, dtype=torch.float32)
+                return (t.detach() * t.grad).abs()
+
+            return _stack_scores(model, spec, score)
+    finally:
+        for p, flag in zip(params, saved_flags):
+            p.grad = None
+            p.requires_grad_(flag)
+        if orig_dtype != torch.float32:
+            model.to(orig_dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,105 @@
+"""Load a Llama-family base model (local directory or Hugging Face hub id) for pruning and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from archopt.archdb.arch import BaseSpec, config_hash
+
+DEFAULT_CUDA_DTYPE = torch.bfloat16
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model: the network (eval mode), its tokenizer and the facts archopt records."""
+
+    model: Any
+    tokenizer: Any
+    spec: BaseSpec
+    config: dict[str, Any]
+    config_hash: str
+    location: str
+    revision: str | None
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        """Default registry name: the hub id, or the directory's basename."""
+        path = self.location.rstrip("/\\")
+        return os.path.basename(path) if os.path.isdir(path) else path
+
+    def weights_fingerprint(self) -> str:
+        """A cheap sha256 over a few values of every parameter: tells two checkpoints of one config apart."""
+        digest = hashlib.sha256()
+        for name, param in sorted(self.model.named_parameters(), key=lambda kv: kv[0]):
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 16)
+            sample = torch.cat([flat[:16], flat[::step][:16]]).to("cpu", torch.float32)
+            digest.update(f"{name}:{tuple(param.shape)}:".encode())
+            digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def resolve_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
+    """float32 on CPU, bfloat16 on CUDA, unless ``dtype`` says otherwise (``"bfloat16"`` or a torch dtype)."""
+    if dtype is None:
+        return DEFAULT_CUDA_DTYPE if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        return value
+    return dtype
+
+
+def read_config_json(path_or_hub_id: str, revision: str | None = None) -> dict[str, Any]:
+    """The model's ``config.json`` as written (a local directory or a hub repository)."""
+    from transformers.utils import cached_file
+
+    local = os.path.join(path_or_hub_id, "config.json")
+    if os.path.isdir(path_or_hub_id):
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"{path_or_hub_id} has no config.json: not a Hugging Face model directory")
+        file = local
+    else:
+        file = cached_file(path_or_hub_id, "config.json", revision=revision)
+    with open(file, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_base_model(path_or_hub_id: str, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
+                    revision: str | None = None, attn_implementation: str | None = None) -> BaseModel:
+    """Load a Llama, Mistral or Qwen2 causal LM and its tokenizer, in eval mode on ``device``.
+
+    Other model types raise ``ArchitectureError`` (one line) before any weights are read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = str(path_or_hub_id)
+    config = read_config_json(location, revision)
+    spec = BaseSpec.from_hf_config(config)
+    torch_dtype = resolve_dtype(device, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    return BaseModel(model=model, tokenizer=tokenizer, spec=spec, config=config,
+                     config_hash=config_hash(config), location=location, revision=revision,
+                     device=str(device), dtype=torch_dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")

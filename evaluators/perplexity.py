@@ -1,0 +1,120 @@
+"""Perplexity the LLM-Pruner way: the joined text tokenized once, cut into non-overlapping windows.
+
+PPL = exp(mean token NLL over all predicted tokens): in each window of ``seq_len`` tokens the model
+predicts tokens 2..seq_len from the ones before (no context carried across windows). The tail that
+does not fill a window is left out; ``max_tokens`` keeps the first whole windows within that many
+tokens. The protocol's ``tokens`` is the number of tokens fed (windows x seq_len).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import archopt
+from archopt.archdb.protocol import Measurement, Protocol
+
+from . import data
+from .loading import model_device
+from .tokenization import encode_text, tokenizer_hash, tokenizer_name
+
+METRIC_DATASETS = {"ppl_wikitext2": (data.WIKITEXT2, "test"), "ppl_ptb": (data.PTB, "validation")}
+LOGITS_BUDGET = 2 ** 26  # float elements of logits per batch (256 MiB in float32)
+MAX_BATCH_TOKENS = 4096
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PerplexityTask:
+    """A tokenized evaluation text, prepared once; ``evaluate(model)`` for as many models as needed."""
+
+    def __init__(self, tokens: torch.Tensor, *, metric: str, dataset: str, split: str, tokenizer_name: str,
+                 tokenizer_hash: str, seq_len: int = 128, max_tokens: int | None = None,
+                 batch_size: int | None = None) -> None:
+        if seq_len < 2:
+            raise ValueError("seq_len must be at least 2")
+        usable = tokens.numel() if max_tokens is None else min(tokens.numel(), int(max_tokens))
+        n_windows = usable // seq_len
+        if n_windows < 1:
+            raise ValueError(f"{dataset} {split} gives {usable} tokens: not one window of {seq_len}")
+        self.metric = metric
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+        self.protocol = Protocol(dataset=dataset, split=split, joining=data.JOINING, tokenizer=tokenizer_name,
+                                 tokenizer_hash=tokenizer_hash, seq_len=seq_len, tokens=n_windows * seq_len,
+                                 tool="archopt", tool_version=archopt.__version__)
+
+    @classmethod
+    def from_text(cls, tokenizer: Any, text: str, *, metric: str, dataset: str, split: str, seq_len: int = 128,
+                  max_tokens: int | None = None, batch_size: int | None = None,
+                  cache_dir: str | Path | None = None) -> "PerplexityTask":
+        """Tokenize ``text`` once (with the tokenizer's special tokens, e.g. a leading BOS)."""
+        tokens = encode_text(tokenizer, text, cache_dir=cache_dir)
+        return cls(tokens, metric=metric, dataset=dataset, split=split, tokenizer_name=tokenizer_name(tokenizer),
+                   tokenizer_hash=tokenizer_hash(tokenizer), seq_len=seq_len, max_tokens=max_tokens,
+                   batch_size=batch_size)
+
+    @classmethod
+    def prepare(cls, tokenizer: Any, metric: str = "ppl_wikitext2", *, data_dir: str | Path | None = None,
+                split: str | None = None, seq_len: int = 128, max_tokens: int | None = None,
+                batch_size: int | None = None, cache_dir: str | Path | None = None) -> "PerplexityTask":
+        """``ppl_wikitext2`` (WikiText-2 raw test) or ``ppl_ptb`` (PTB validation; ``split="test"`` option)."""
+        if metric not in METRIC_DATASETS:
+            raise ValueError(f"unknown perplexity metric {metric!r}: use {', '.join(METRIC_DATASETS)}")
+        dataset, default_split = METRIC_DATASETS[metric]
+        split = data.canonical_split(split or default_split)
+        text = data.dataset_text(dataset, split, data_dir)
+        return cls.from_text(tokenizer, text, metric=metric, dataset=dataset, split=split, seq_len=seq_len,
+                             max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
+
+    @property
+    def predicted_tokens(self) -> int:
+        return self.windows.shape[0] * (self.seq_len - 1)
+
+    def _batch_size(self, model: torch.nn.Module) -> int:
+        if self.batch_size:
+            return self.batch_size
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 32000) or 32000)
+        return max(1, min(MAX_BATCH_TOKENS // self.seq_len, LOGITS_BUDGET // (self.seq_len * vocab)))
+
+    def total_nll(self, model: torch.nn.Module) -> tuple[float, int]:
+        """Sum of token NLLs (nats) over all predicted tokens, and their count."""
+        device = model_device(model)
+        batch = self._batch_size(model)
+        total = 0.0
+        with torch.inference_mode(), autocast_for(device):
+            for start in range(0, self.windows.shape[0], batch):
+                ids = self.windows[start: start + batch].to(device, non_blocking=True)
+                logits = model(input_ids=ids, use_cache=False).logits
+                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                      ids[:, 1:].reshape(-1), reduction="sum")
+                total += float(nll)
+        return total, self.predicted_tokens
+
+    def evaluate(self, model: torch.nn.Module) -> Measurement:
+        """Perplexity of ``model`` (eval mode expected) on the prepared windows."""
+        started = time.perf_counter()
+        total, count = self.total_nll(model)
+        mean = total / count
+        value = math.exp(mean) if mean < 700 else math.inf
+        return Measurement(metric=self.metric, value=value, protocol=self.protocol,
+                           device=device_label(model_device(model)),
+                           duration_s=time.perf_counter() - started)

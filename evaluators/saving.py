@@ -1,0 +1,194 @@
+"""Save a pruned model (safetensors + config with per-layer shapes + archopt.json + tokenizer) and load it back.
+
+``config.json`` is the base config with ``num_hidden_layers`` (and ``layer_types``) of the pruned
+model and one extra attribute, ``archopt_layers``: per kept layer ``{"layer", "base_layer", "q_heads",
+"kv_heads", "intermediate"}``. A plain ``from_pretrained`` refuses such a checkpoint (size mismatch);
+``load_pruned`` builds the model on the meta device, resizes each layer to its recorded shape and
+loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import archopt
+from archopt.archdb.arch import Architecture
+
+from .importance import Importance, decoder_layers
+from .loading import BaseModel, resolve_dtype
+from .pruning import kept_layer_shapes
+
+SCHEMA = "archopt.pruned/1"
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "archopt.json"
+
+
+def _importance_dict(importance_info: Importance | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if importance_info is None:
+        return None
+    if isinstance(importance_info, Importance):
+        return importance_info.info()
+    return dict(importance_info)
+
+
+def _dedup_state_dict(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict on CPU with shared tensors (tied embeddings) stored once; returns (tensors, aliases)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape))
+        if ident in seen and tensor.numel() > 0:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        out = tensor.detach()
+        if dtype is not None and out.is_floating_point():
+            out = out.to(dtype)
+        tensors[name] = out.to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
+                importance_info: Importance | Mapping[str, Any] | None, out_dir: str | Path,
+                dtype: torch.dtype | str | None = None) -> Path:
+    """Write ``model`` (pruned from ``base`` to ``arch``) to ``out_dir``; returns the directory.
+
+    ``dtype`` converts the saved floating-point weights (default: as they are in memory). The
+    in-memory model is not modified.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dtype = resolve_dtype("cpu", dtype) if dtype is not None else None
+    tensors, aliases = _dedup_state_dict(model, save_dtype)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.archopt_layers = kept_layer_shapes(arch)
+    weight_dtype = next(iter(tensors.values())).dtype
+    config.dtype = weight_dtype
+    config.save_pretrained(str(out))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(out))
+    if base.tokenizer is not None:
+        base.tokenizer.save_pretrained(str(out))
+
+    info = {
+        "schema": SCHEMA,
+        "base": {"name": base.name, "location": base.location, "revision": base.revision,
+                 "config_hash": base.config_hash, "spec": base.spec.to_dict()},
+        "architecture": arch.layer_dicts(),
+        "canonical": arch.canonical_json(),
+        "compact": arch.compact(),
+        "params": arch.params,
+        "fraction": arch.fraction(),
+        "importance": _importance_dict(importance_info),
+        "dtype": str(weight_dtype).replace("torch.", ""),
+        "tied": aliases,
+        "tool": "archopt",
+        "tool_version": archopt.__version__,
+    }
+    tmp = out / f"{INFO_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / INFO_FILE)
+    return out
+
+
+def read_pruned_info(path: str | Path) -> dict[str, Any]:
+    """The ``archopt.json`` of a saved pruned model."""
+    return json.loads((Path(path) / INFO_FILE).read_text(encoding="utf-8"))
+
+
+def _resized_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+
+
+def resize_layers(model: nn.Module, layers: list[Mapping[str, int]]) -> None:
+    """Give each decoder layer the recorded shape (``archopt_layers`` entries, pruned-model order)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden = config.hidden_size
+    modules = decoder_layers(model)
+    if len(layers) != len(modules):
+        raise ValueError(f"config records {len(layers)} layer shapes for {len(modules)} layers")
+    for layer, shape in zip(modules, layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, kv, inter = shape["q_heads"] * head_dim, shape["kv_heads"] * head_dim, shape["intermediate"]
+        attn.q_proj = _resized_linear(attn.q_proj, hidden, q)
+        attn.k_proj = _resized_linear(attn.k_proj, hidden, kv)
+        attn.v_proj = _resized_linear(attn.v_proj, hidden, kv)
+        attn.o_proj = _resized_linear(attn.o_proj, q, hidden)
+        attn.num_key_value_groups = shape["q_heads"] // shape["kv_heads"]
+        mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, inter)
+        mlp.up_proj = _resized_linear(mlp.up_proj, hidden, inter)
+        mlp.down_proj = _resized_linear(mlp.down_proj, inter, hidden)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = inter
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, param)
+
+
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) are not in the checkpoint: recompute their modules."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "inv_freq") or not hasattr(module, "config"):
+                raise RuntimeError(f"cannot rebuild buffers of {name or type(module).__name__}")
+            with torch.device(device):
+                fresh = type(module)(config=module.config)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, fresh)
+
+
+def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
+                attn_implementation: str | None = None) -> nn.Module:
+    """Load a model written by ``save_pruned``: same shapes, same weights, eval mode on ``device``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    info = read_pruned_info(path)
+    config = AutoConfig.from_pretrained(str(path))
+    layers = getattr(config, "archopt_layers", None)
+    if not layers:
+        raise ValueError(f"{path}/config.json has no archopt_layers: not a model saved by archopt")
+    state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    file_dtype = next(iter(state.values())).dtype
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=file_dtype, **kwargs)
+    resize_layers(model, layers)
+    aliases: dict[str, str] = info.get("tied", {})
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys) - set(aliases)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not fit its config: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:3]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, target in aliases.items():
+        _set_param(model, alias, params[target])
+    torch_device = torch.device(device)
+    _rebuild_meta_buffers(model, torch.device("cpu"))
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"checkpoint lacks {still_meta[0]}")
+    if dtype is not None:
+        model.to(resolve_dtype(device, dtype))
+    model.to(torch_device)
+    model.eval()
+    return model

@@ -1,0 +1,319 @@
+"""Non-neural accuracy predictors: (architecture features -> measured metric), with uncertainty.
+
+``train_predictor`` follows the seed paper (a GBDT on per-layer pruning ratios) but lets k-fold
+cross-validation choose among a few tree ensembles, because archives are small and which model
+wins depends on the data. Perplexity-like metrics (names starting with ``ppl`` or ``kl``; lower is
+better) are modelled on log scale, where the effect of pruning is closer to additive; accuracies
+(``mmlu`` and anything else; higher is better) as they are.
+
+Every prediction carries a standard deviation in the metric's own scale: the spread of an
+ensemble's members: the trees of a random / extra-trees forest; for boosting, the k models fitted
+during cross-validation (each on (k-1)/k of the rows, a CV+ / jackknife ensemble that costs no
+extra training). It is epistemic spread only; the held-out error of the whole model is in
+``Predictor.cv``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import sklearn
+from sklearn.base import clone
+from sklearn.ensemble import (ExtraTreesRegressor, GradientBoostingRegressor,
+                              HistGradientBoostingRegressor, RandomForestRegressor)
+from sklearn.model_selection import KFold
+
+__all__ = ["ALGORITHMS", "Predictor", "train_predictor", "metric_direction", "metric_transform",
+           "kendall_tau", "spearman"]
+
+ALGORITHMS = ("gbdt", "random_forest", "extra_trees", "hist_gbdt")
+_KL_EPS = 1e-4
+
+
+def metric_direction(metric: str) -> str:
+    """``"minimize"`` for perplexity-like metrics (``ppl*``, ``kl*``), else ``"maximize"``."""
+    return "minimize" if metric.lower().startswith(("ppl", "kl")) else "maximize"
+
+
+def metric_transform(metric: str) -> str:
+    """``"log"`` for ``ppl*`` metrics, ``"log_eps"`` (log of value + 1e-4) for ``kl*``, else ``"identity"``."""
+    m = metric.lower()
+    return "log" if m.startswith("ppl") else "log_eps" if m.startswith("kl") else "identity"
+
+
+def _forward(y: np.ndarray, kind: str) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    if kind == "log":
+        if np.any(y <= 0):
+            raise ValueError("perplexity values must be positive")
+        return np.log(y)
+    if kind == "log_eps":
+        if np.any(y < 0):
+            raise ValueError("KL divergence values must be non-negative")
+        return np.log(y + _KL_EPS)
+    return y
+
+
+def _inverse(t: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "log":
+        return np.exp(t)
+    if kind == "log_eps":
+        return np.maximum(np.exp(t) - _KL_EPS, 0.0)
+    return t
+
+
+def _estimator(name: str, n: int, seed: int):
+    """Modest hyperparameters: on this project's 2-core machines, 5-fold CV of all four candidates
+    plus the final fit on 200 rows x 90 features takes about 1.5 s. Tree count is what costs
+    (scikit-learn spends ~1.5 ms of Python per tree), so ensembles stay small and shallow."""
+    leaf = max(1, min(5, n // 40))
+    if name == "gbdt":
+        return GradientBoostingRegressor(n_estimators=60, learning_rate=0.12, max_depth=3, subsample=0.8,
+                                         max_features=0.5, min_samples_leaf=leaf, random_state=seed)
+    if name == "random_forest":
+        return RandomForestRegressor(n_estimators=30, max_features=0.33, min_samples_leaf=leaf,
+                                     random_state=seed, n_jobs=1)
+    if name == "extra_trees":
+        return ExtraTreesRegressor(n_estimators=30, max_features=0.5, min_samples_leaf=leaf,
+                                   random_state=seed, n_jobs=1)
+    if name == "hist_gbdt":
+        return HistGradientBoostingRegressor(max_iter=60, learning_rate=0.15, max_depth=3, max_bins=64,
+                                             min_samples_leaf=max(2, min(10, n // 20)),
+                                             l2_regularization=0.1, early_stopping=False,
+                                             random_state=seed)
+    raise ValueError(f"unknown predictor algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b (``nan`` when either side is constant or fewer than 2 points)."""
+    from scipy.stats import kendalltau
+    if len(a) < 2:
+        return float("nan")
+    return float(kendalltau(a, b).statistic)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def _scores(y: np.ndarray, pred: np.ndarray, y_t: np.ndarray, pred_t: np.ndarray) -> dict[str, float | None]:
+    def r2(a, p):
+        ss = float(np.sum((a - a.mean()) ** 2))
+        return 1.0 - float(np.sum((a - p) ** 2)) / ss if ss > 0 else float("nan")
+    return {
+        "r2": _clean(r2(y, pred)),
+        "r2_transformed": _clean(r2(y_t, pred_t)),
+        "mae": _clean(float(np.mean(np.abs(y - pred)))),
+        "rmse": _clean(float(np.sqrt(np.mean((y - pred) ** 2)))),
+        "kendall_tau": _clean(kendall_tau(y, pred)),
+        "spearman": _clean(spearman(y, pred)),
+    }
+
+
+@dataclass
+class Predictor:
+    """A trained predictor of one metric. Picklable with joblib (scikit-learn objects and numpy only)."""
+
+    metric: str
+    algorithm: str
+    hyperparams: dict[str, Any]
+    cv: dict[str, Any]
+    n_train: int
+    feature_names: list[str]
+    transform: str
+    direction: str
+    model: Any
+    members: list[Any] = field(default_factory=list)   # CV fold models (boosting only)
+    featurizer: Any = None                              # optional features.Featurizer
+    seed: int = 0
+    sklearn_version: str = sklearn.__version__
+    train_seconds: float = 0.0
+    _importances: dict[str, float] | None = field(default=None, repr=False)
+    _train_X: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def _check(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        if X.ndim == 1:
+            X = X[None, :]
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"predictor for {self.metric} expects {self.n_features} features, got {X.shape[1]}")
+        return X
+
+    def predict_transformed(self, X: np.ndarray) -> np.ndarray:
+        """Mean prediction on the model scale (log for ppl/kl). The search ranks with this."""
+        return self.model.predict(self._check(X))
+
+    def predict_mean(self, X: np.ndarray) -> np.ndarray:
+        return _inverse(self.predict_transformed(X), self.transform)
+
+    def _member_models(self) -> list[Any]:
+        if self.algorithm in ("random_forest", "extra_trees"):
+            return list(getattr(self.model, "estimators_", []))
+        return list(self.members)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` in the metric's original scale, vectorised over rows of ``X``."""
+        X = self._check(X)
+        mean = _inverse(self.model.predict(X), self.transform)
+        models = self._member_models()
+        if len(models) < 2:
+            return mean, np.zeros(len(X))
+        members = _inverse(np.stack([m.predict(X) for m in models]), self.transform)
+        return mean, members.std(axis=0)
+
+    def predict_architectures(self, data, importance=None) -> tuple[np.ndarray, np.ndarray]:
+        """Predict for a ``LayerBatch`` or architectures, through the stored featurizer."""
+        if self.featurizer is None:
+            raise ValueError("this predictor has no featurizer: featurize yourself and call predict(X)")
+        return self.predict(self.featurizer.transform(data, importance))
+
+    def feature_importances(self) -> dict[str, float]:
+        """Importance per feature name (non-negative, summing to 1), largest first."""
+        if self._importances is None:
+            raw = _raw_importances(self)
+            total = float(raw.sum())
+            raw = raw / total if total > 0 else np.full(len(raw), 1.0 / max(1, len(raw)))
+            order = np.argsort(-raw, kind="stable")
+            self._importances = {self.feature_names[i]: float(raw[i]) for i in order}
+        return dict(self._importances)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (no model)."""
+        return {"metric": self.metric, "algorithm": self.algorithm, "hyperparams": self.hyperparams,
+                "cv": self.cv, "n_train": self.n_train, "n_features": self.n_features,
+                "transform": self.transform, "direction": self.direction, "seed": self.seed,
+                "sklearn_version": self.sklearn_version, "train_seconds": round(self.train_seconds, 3)}
+
+
+def _raw_importances(p: Predictor) -> np.ndarray:
+    model = p.model
+    if isinstance(model, _Constant):
+        return np.zeros(p.n_features)
+    if getattr(model, "feature_importances_", None) is not None:
+        return np.asarray(model.feature_importances_, dtype=float)
+    # HistGradientBoosting: total split gain per feature (its tree nodes carry gains).
+    gains = np.zeros(p.n_features)
+    try:
+        for stage in model._predictors:
+            for tree in stage:
+                nodes = tree.nodes[~tree.nodes["is_leaf"].astype(bool)]
+                np.add.at(gains, nodes["feature_idx"], np.maximum(nodes["gain"], 0.0))
+        return gains
+    except AttributeError:  # private layout changed: permutation importance on the training rows
+        from sklearn.inspection import permutation_importance
+        X = p._train_X
+        y = model.predict(X)
+        res = permutation_importance(model, X, y, n_repeats=3, random_state=p.seed)
+        return np.maximum(res.importances_mean, 0.0)
+
+
+def _fold_count(n: int, folds: int) -> int:
+    return n if n < folds else folds
+
+
+def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int = 0, folds: int = 5,
+                    candidates: Sequence[str] = ALGORITHMS, feature_names: Sequence[str] | None = None,
+                    featurizer: Any = None) -> Predictor:
+    """Choose an algorithm by k-fold CV, fit it on all rows, and return a ``Predictor``.
+
+    ``X``: ``[n, p]`` features (``n >= 2``; with fewer rows than ``folds``, leave-one-out), ``y``:
+    measured values of ``metric``. CV scores (``r2``, ``mae``, ``rmse`` in the original scale,
+    ``r2_transformed``, ``kendall_tau``, ``spearman``) come from pooled out-of-fold predictions;
+    the algorithm with the lowest out-of-fold squared error on the model scale wins (first listed
+    on ties). Deterministic for a seed. ``featurizer`` (a ``features.Featurizer``) is stored so
+    callers can predict from architectures; its names are used when ``feature_names`` is not given.
+    """
+    from threadpoolctl import threadpool_limits
+
+    start = time.perf_counter()
+    X = np.asarray(X, dtype=float)
+    y = np.asarray(y, dtype=float).ravel()
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"X must be [n, p] with one row per value of y (got {X.shape} and {y.shape})")
+    n = len(y)
+    if n < 2:
+        raise ValueError(f"a predictor needs at least 2 measured architectures, got {n}")
+    if not np.all(np.isfinite(y)) or not np.all(np.isfinite(X)):
+        raise ValueError("features and targets must be finite")
+    if feature_names is None:
+        feature_names = featurizer.names if featurizer is not None else [f"x{i}" for i in range(X.shape[1])]
+    feature_names = list(feature_names)
+    if len(feature_names) != X.shape[1]:
+        raise ValueError(f"{len(feature_names)} feature names for {X.shape[1]} features")
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise ValueError("no candidate algorithms")
+    for c in candidates:
+        _estimator(c, n, seed)  # validates the name
+    kind = metric_transform(metric)
+    y_t = _forward(y, kind)
+
+    k = _fold_count(n, folds)
+    splits = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(X))
+    per_algo: dict[str, dict[str, Any]] = {}
+    best, best_mse = candidates[0], math.inf
+    # One thread: on tiny data OpenMP start-up (HistGradientBoosting) costs more than it saves.
+    with threadpool_limits(limits=1):
+        for name in candidates:
+            oof = np.empty(n)
+            fold_models = []
+            for tr, te in splits:
+                if np.ptp(y_t[tr]) == 0:
+                    model_f = _Constant(float(y_t[tr][0]))
+                else:
+                    model_f = _estimator(name, len(tr), seed).fit(X[tr], y_t[tr])
+                oof[te] = model_f.predict(X[te])
+                fold_models.append(model_f)
+            mse = float(np.mean((oof - y_t) ** 2))
+            scores = _scores(y, _inverse(oof, kind), y_t, oof)
+            scores["mse_transformed"] = mse
+            per_algo[name] = {"scores": scores, "fold_models": fold_models}
+            if mse < best_mse - 1e-15:
+                best, best_mse = name, mse
+        model = _Constant(float(y_t[0])) if np.ptp(y_t) == 0 else _estimator(best, n, seed).fit(X, y_t)
+    members = per_algo[best]["fold_models"] if best in ("gbdt", "hist_gbdt") else []
+    cv = dict(per_algo[best]["scores"])
+    cv.update({"folds": k, "scheme": "leave-one-out" if k == n else f"{k}-fold",
+               "candidates": {c: {key: per_algo[c]["scores"][key]
+                                  for key in ("r2_transformed", "kendall_tau", "mae")} for c in candidates}})
+    return Predictor(metric=metric, algorithm=best, hyperparams=_hyperparams(model), cv=cv, n_train=n,
+                     feature_names=feature_names, transform=kind, direction=metric_direction(metric),
+                     model=model, members=members, featurizer=featurizer, seed=seed,
+                     train_seconds=time.perf_counter() - start, _train_X=X if best == "hist_gbdt" else None)
+
+
+class _Constant:
+    """Stands in for a model when every training target is equal (trees cannot split)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.estimators_: list[Any] = []
+        self.feature_importances_ = None
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.full(len(X), self.value)
+
+    def get_params(self) -> dict[str, Any]:
+        return {}
+
+
+def _hyperparams(model) -> dict[str, Any]:
+    keep = ("n_estimators", "learning_rate", "max_depth", "subsample", "min_samples_leaf", "max_features",
+            "max_iter", "max_leaf_nodes", "l2_regularization")
+    params = model.get_params()
+    return {k: params[k] for k in keep if k in params}

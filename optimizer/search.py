@@ -1,0 +1,561 @@
+"""Multi-objective search over predictors under a size budget.
+
+Phases (all deterministic for a seed):
+
+A. Seed batch (numpy): the warm-start architectures, uniform-at-size baselines and random draws
+   from the space (attention biased toward kept, see ``space``), all repaired into the size window
+   ``[target * (1 - tol), target]`` and scored in one vectorised call per predictor.
+R. Refinement (the seed paper's step): predictor feature importances pick the free dimensions;
+   the others are fixed / narrowed to what the best phase-A candidates favour (``refine_space``).
+B. Optuna: an in-memory (or caller-given storage) multi-objective study over the free dimensions,
+   ``TPESampler(multivariate=True)``, warm-started with ``add_trials`` from the archive and the
+   phase-A elite (NSGA-II would ignore added trials). Trials are asked and told in batches; each
+   carries the size budget as two ``trial.set_constraint`` values (``params - target`` and
+   ``target * (1 - tol) - params``, relative to the target; <= 0 is feasible). Each proposal's
+   repaired twin is scored too and added to the study as a feasible trial. Optuna costs ~20-40 ms
+   per trial here, so it gets a few dozen trials, not thousands.
+C. Vectorised evolution (numpy), the bulk: NSGA-II-style selection (non-dominated rank, crowding)
+   of parents from everything scored so far, uniform per-layer crossover, mutation of KV groups
+   (+-1) and MLP widths (Gaussian, annealed), repair into the window, de-duplication, one
+   prediction call per batch, until ``n_candidates`` distinct candidates have been scored.
+
+The answer is the non-dominated set of the feasible candidates (every one within the window, none
+dominated by another returned one), capped to ``max_results`` by crowding distance, plus
+``ranked``: the best ``n_top`` by (front, first objective) for callers that verify several.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from archopt.archdb.arch import Architecture, ArchitectureError, BaseSpec, uniform_at_size
+
+from .encoding import LayerBatch, encode
+from .pareto import _mask_min, crowding_distance, to_minimization
+from .predictors import metric_direction
+from .space import SearchSpace, build_space, refine_space, size_window
+
+__all__ = ["Candidate", "SearchResult", "search"]
+
+_ORIGINS = ("warm", "uniform", "random", "optuna", "evolution")
+
+
+@dataclass
+class Candidate:
+    """One returned architecture with its predictions (original metric scale)."""
+
+    architecture: Architecture
+    params: int
+    fraction: float
+    predicted: dict[str, float]
+    uncertainty: dict[str, float]
+    origin: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "fraction": round(self.fraction, 6), "predicted": self.predicted,
+                "uncertainty": self.uncertainty, "origin": self.origin,
+                "sketch": self.architecture.sketch(), "layers": self.architecture.layer_dicts()}
+
+
+@dataclass
+class SearchResult:
+    front: list[Candidate]
+    ranked: list[Candidate]
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+    target_params: int
+    window: tuple[int, int]
+    stats: dict[str, Any]
+    space: SearchSpace = field(repr=False)
+
+    @property
+    def best(self) -> Candidate | None:
+        """Best candidate on the first objective (``None`` when nothing feasible was found)."""
+        return self.front[0] if self.front else None
+
+    @property
+    def explain(self) -> dict[str, Any]:
+        """JSON-ready description of the search space and its refinement (``--explain``)."""
+        return self.space.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"objectives": list(self.objectives), "directions": list(self.directions),
+                "target_params": self.target_params, "window": list(self.window),
+                "front": [c.to_dict() for c in self.front], "ranked": [c.to_dict() for c in self.ranked],
+                "stats": self.stats}
+
+
+# -- scoring -----------------------------------------------------------------------------------
+class _Scorer:
+    """Featurises a batch once per distinct featurizer and predicts the objectives' means."""
+
+    def __init__(self, predictors: Mapping[str, Any], objectives: Sequence[str]) -> None:
+        self.predictors = dict(predictors)
+        self.objectives = list(objectives)
+        for name in self.objectives:
+            p = self.predictors[name]
+            if getattr(p, "featurizer", None) is None:
+                raise ValueError(f"predictor for {name!r} has no featurizer: train it with "
+                                 f"train_predictor(..., featurizer=Featurizer(...))")
+        self.seconds = 0.0
+
+    def _features(self, batch: LayerBatch, names: Sequence[str]) -> dict[int, np.ndarray]:
+        cache: dict[int, np.ndarray] = {}
+        for name in names:
+            fz = self.predictors[name].featurizer
+            if id(fz) not in cache:
+                cache[id(fz)] = fz.transform(batch)
+        return cache
+
+    def means(self, batch: LayerBatch) -> np.ndarray:
+        t = time.perf_counter()
+        if len(batch) == 0:
+            return np.zeros((0, len(self.objectives)))
+        feats = self._features(batch, self.objectives)
+        cols = [np.asarray(self.predictors[n].predict_mean(feats[id(self.predictors[n].featurizer)]), dtype=float)
+                for n in self.objectives]
+        self.seconds += time.perf_counter() - t
+        return np.stack(cols, axis=1)
+
+    def full(self, batch: LayerBatch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Mean and std of every predictor that can featurise this base model."""
+        means, stds = {}, {}
+        for name, p in self.predictors.items():
+            fz = getattr(p, "featurizer", None)
+            if fz is None:
+                continue
+            try:
+                X = fz.transform(batch)
+            except ValueError:
+                continue
+            if hasattr(p, "predict"):
+                m, s = p.predict(X)
+            else:
+                m, s = p.predict_mean(X), np.zeros(len(batch))
+            means[name], stds[name] = np.asarray(m, dtype=float), np.asarray(s, dtype=float)
+        return means, stds
+
+
+class _Pool:
+    """Every distinct candidate scored so far."""
+
+    def __init__(self, spec: BaseSpec, lo: int, hi: int, n_obj: int) -> None:
+        self.spec, self.lo, self.hi = spec, lo, hi
+        self.seen: set[bytes] = set()
+        self.kv: list[np.ndarray] = []
+        self.inter: list[np.ndarray] = []
+        self.F: list[np.ndarray] = []
+        self.params: list[np.ndarray] = []
+        self.origin: list[np.ndarray] = []
+        self.n_obj = n_obj
+        self._cat: tuple | None = None
+
+    def new_rows(self, batch: LayerBatch) -> np.ndarray:
+        keys = np.concatenate([batch.kv, batch.inter], axis=1).astype(np.int64)
+        keep = []
+        local: set[bytes] = set()
+        for i, row in enumerate(keys):
+            k = row.tobytes()
+            if k in self.seen or k in local:
+                continue
+            local.add(k)
+            keep.append(i)
+        return np.asarray(keep, dtype=np.int64)
+
+    def add(self, batch: LayerBatch, F: np.ndarray, origin: str) -> None:
+        keys = np.concatenate([batch.kv, batch.inter], axis=1).astype(np.int64)
+        for row in keys:
+            self.seen.add(row.tobytes())
+        self.kv.append(batch.kv)
+        self.inter.append(batch.inter)
+        self.F.append(F)
+        self.params.append(batch.params)
+        self.origin.append(np.full(len(batch), _ORIGINS.index(origin), dtype=np.int8))
+        self._cat = None
+
+    def arrays(self):
+        if self._cat is None:
+            if not self.kv:
+                L = self.spec.num_layers
+                self._cat = (np.zeros((0, L), np.int64), np.zeros((0, L), np.int64),
+                             np.zeros((0, self.n_obj)), np.zeros(0, np.int64), np.zeros(0, np.int8))
+            else:
+                self._cat = (np.concatenate(self.kv), np.concatenate(self.inter), np.concatenate(self.F),
+                             np.concatenate(self.params), np.concatenate(self.origin))
+        return self._cat
+
+    @property
+    def size(self) -> int:
+        return len(self.seen)
+
+    def feasible(self) -> np.ndarray:
+        _, _, _, p, _ = self.arrays()
+        return np.flatnonzero((p >= self.lo) & (p <= self.hi))
+
+
+def _select(Fmin: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best rows (minimisation): non-dominated rank, then crowding distance."""
+    n = len(Fmin)
+    if n <= k:
+        order = np.arange(n)
+        return order[np.lexsort(Fmin.T[::-1])] if n else order
+    if Fmin.shape[1] == 1:
+        return np.argsort(Fmin[:, 0], kind="stable")[:k]
+    # pre-filter: a row outside the best 4k of every objective is rarely needed
+    keep = np.zeros(n, dtype=bool)
+    for j in range(Fmin.shape[1]):
+        keep[np.argsort(Fmin[:, j], kind="stable")[:4 * k]] = True
+    remaining = np.flatnonzero(keep)
+    chosen: list[np.ndarray] = []
+    count = 0
+    while count < k and len(remaining):
+        mask = _mask_min(Fmin[remaining])
+        front = remaining[mask]
+        if count + len(front) > k:
+            cd = crowding_distance(Fmin[front], ["minimize"] * Fmin.shape[1])
+            front = front[np.argsort(-cd, kind="stable")[:k - count]]
+        chosen.append(front)
+        count += len(front)
+        remaining = remaining[~mask]
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+# -- phases ------------------------------------------------------------------------------------
+def _score_into(pool: _Pool, scorer: _Scorer, batch: LayerBatch, origin: str, limit: int | None = None) -> LayerBatch:
+    rows = pool.new_rows(batch)
+    if limit is not None:
+        rows = rows[:max(0, limit)]
+    sub = batch.take(rows)
+    if len(sub):
+        pool.add(sub, scorer.means(sub), origin)
+    return sub
+
+
+def _baselines(space: SearchSpace, target: int) -> list[Architecture]:
+    out = []
+    for attention in (True, False):
+        try:
+            out.append(uniform_at_size(space.spec, target, list(space.layers), space.multiple, attention)[1])
+        except ArchitectureError:
+            pass
+    return out
+
+
+def _optuna_phase(space: SearchSpace, scorer: _Scorer, pool: _Pool, *, directions, lo: int, hi: int,
+                  target: int, seed: int, trials: int, batch: int, warm: LayerBatch | None,
+                  storage: Any, study_name: str | None) -> dict[str, Any]:
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    s = space.spec
+    idx = space.idx
+    I = s.intermediate_size
+    free_a = np.flatnonzero(space.optuna_attn())
+    free_m = np.flatnonzero(space.optuna_mlp())
+    dists: dict[str, Any] = {}
+    for p in free_a:
+        dists[f"attn_{idx[p]}"] = IntDistribution(int(space.kv_lo[p]), int(space.kv_hi[p]))
+    for p in free_m:
+        dists[f"mlp_{idx[p]}"] = FloatDistribution(float(space.mlp_lo[p]) / I, float(space.mlp_hi[p]) / I)
+    info: dict[str, Any] = {"dims": len(dists), "asked": 0, "warm_trials": 0, "study_trials": 0}
+    if not dists or trials <= 0:
+        return info
+    center_kv = space.kv_hi if space.center_kv is None else space.center_kv
+    center_mlp = (space.mlp_lo + space.mlp_hi) / 2.0 if space.center_mlp is None else space.center_mlp
+
+    def to_params(kv_row: np.ndarray, inter_row: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in free_a:
+            d = dists[f"attn_{idx[p]}"]
+            out[f"attn_{idx[p]}"] = int(np.clip(kv_row[idx[p]], d.low, d.high))
+        for p in free_m:
+            d = dists[f"mlp_{idx[p]}"]
+            out[f"mlp_{idx[p]}"] = float(np.clip(inter_row[idx[p]] / I, d.low, d.high))
+        return out
+
+    def decode(param_list: list[dict[str, Any]]) -> LayerBatch:
+        n = len(param_list)
+        kv, inter = space.full_arrays(n)
+        kv[:, idx] = center_kv
+        inter[:, idx] = space.round_mlp(np.broadcast_to(center_mlp, (n, space.P)))
+        for i, prm in enumerate(param_list):
+            for p in free_a:
+                kv[i, idx[p]] = prm[f"attn_{idx[p]}"]
+            for p in free_m:
+                inter[i, idx[p]] = prm[f"mlp_{idx[p]}"] * I
+        return space.project(LayerBatch(s, kv, inter))
+
+    def constraints(params: int) -> dict[str, float]:
+        return {"over_target": (params - hi) / target, "under_window": (lo - params) / target}
+
+    def frozen(kv_row, inter_row, values, params) -> Any:
+        return optuna.trial.create_trial(params=to_params(kv_row, inter_row), distributions=dists,
+                                         values=[float(v) for v in values], constraints=constraints(int(params)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=list(directions),
+                                sampler=sampler)
+    kv_all, inter_all, F_all, p_all, _ = pool.arrays()
+    feas = pool.feasible()
+    Fmin = to_minimization(F_all[feas], directions)
+    elite = feas[_select(Fmin, 24)]
+    warm_trials = [frozen(kv_all[i], inter_all[i], F_all[i], p_all[i]) for i in elite]
+    if warm is not None and len(warm):
+        Fw = scorer.means(warm)
+        warm_trials += [frozen(warm.kv[i], warm.inter[i], Fw[i], warm.params[i]) for i in range(len(warm))]
+    study.add_trials(warm_trials)
+    info["warm_trials"] = len(warm_trials)
+
+    asked = 0
+    while asked < trials:
+        nb = min(batch, trials - asked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            tr = [study.ask(dists) for _ in range(nb)]
+        raw = decode([t.params for t in tr])
+        F_raw = scorer.means(raw)
+        p_raw = raw.params
+        for t, f, p in zip(tr, F_raw, p_raw):
+            for key, value in constraints(int(p)).items():
+                t.set_constraint(key, value)
+            study.tell(t, [float(v) for v in f])
+        asked += nb
+        rows = pool.new_rows(raw)
+        if len(rows):
+            pool.add(raw.take(rows), F_raw[rows], "optuna")
+        rep, ok = space.repair(raw, lo, hi)
+        added = _score_into(pool, scorer, rep.take(np.flatnonzero(ok)), "optuna")
+        if len(added):
+            F_add = pool.arrays()[2][-len(added):]
+            study.add_trials([frozen(added.kv[i], added.inter[i], F_add[i], added.params[i])
+                              for i in range(len(added))])
+    info["asked"] = asked
+    info["study_trials"] = len(study.trials)
+    info["study_name"] = study.study_name
+    return info
+
+
+def _offspring(space: SearchSpace, rng: np.random.Generator, parents_kv: np.ndarray, parents_inter: np.ndarray,
+               n: int, progress: float) -> LayerBatch:
+    s = space.spec
+    idx = space.idx
+    P = space.P
+    npar = len(parents_kv)
+    a = rng.integers(0, npar, size=n)
+    kv = parents_kv[a][:, idx].copy()
+    inter = parents_inter[a][:, idx].astype(float)
+    # uniform per-layer crossover for half of the children
+    cross = rng.random(n) < 0.5
+    b = rng.integers(0, npar, size=n)
+    swap = (rng.random((n, P)) < 0.5) & cross[:, None]
+    kv = np.where(swap, parents_kv[b][:, idx], kv)
+    inter = np.where(swap, parents_inter[b][:, idx], inter)
+    mov_a, mov_m = space.movable_attn(), space.movable_mlp()
+    movable = np.r_[mov_a, mov_m]
+    D = max(1, int(movable.sum()))
+    rate = (2.5 - 1.5 * progress) / D
+    mut = (rng.random((n, 2 * P)) < rate) & movable[None, :]
+    none = ~mut.any(1)
+    if none.any() and movable.any():
+        choices = np.flatnonzero(movable)
+        mut[np.flatnonzero(none), choices[rng.integers(0, len(choices), size=int(none.sum()))]] = True
+    ma, mm = mut[:, :P], mut[:, P:]
+    step = rng.choice(np.array([-2, -1, 1, 2]), size=(n, P), p=[0.1, 0.4, 0.4, 0.1])
+    kv = np.where(ma & (kv > 0), kv + step, kv)
+    lo_kv = np.maximum(space.kv_lo, 1)
+    kv = np.where(kv > 0, np.clip(kv, lo_kv, space.kv_hi), kv)
+    if space.allow_drop:
+        toggle = ma & (rng.random((n, P)) < 0.1) & (space.kv_lo == 0)[None, :]
+        kv = np.where(toggle & (kv > 0), 0, np.where(toggle & (kv == 0), space.kv_hi[None, :], kv))
+        inter = np.where((kv > 0) & (inter == 0), space.mlp_hi[None, :], inter)
+    sigma = (0.15 - 0.11 * progress) * s.intermediate_size
+    inter = np.where(mm, inter + rng.normal(0.0, sigma, size=(n, P)), inter)
+    # budget-neutral transfers of MLP channels between two layers (equalise marginal costs)
+    mov = np.flatnonzero(mov_m)
+    if len(mov) >= 2:
+        rows = np.flatnonzero(rng.random(n) < 0.5)
+        src = mov[rng.integers(0, len(mov), size=len(rows))]
+        dst = mov[(np.searchsorted(mov, src) + rng.integers(1, len(mov), size=len(rows))) % len(mov)]
+        delta = np.abs(rng.normal(0.0, sigma * 0.5, size=len(rows)))
+        delta = np.minimum(delta, np.maximum(0.0, inter[rows, src] - space.mlp_lo[src]))
+        delta = np.minimum(delta, np.maximum(0.0, space.mlp_hi[dst] - inter[rows, dst]))
+        inter[rows, src] -= delta
+        inter[rows, dst] += delta
+    full_kv, full_inter = space.full_arrays(n)
+    full_kv[:, idx] = kv
+    full_inter[:, idx] = np.where(kv > 0, space.round_mlp(inter), 0)
+    return space.project(LayerBatch(s, full_kv, full_inter))
+
+
+# -- entry point ------------------------------------------------------------------------------
+def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int, tolerance: float = 0.02,
+           objectives: Sequence[str] = ("ppl_wikitext2",), seed: int = 0,
+           warm_start: Sequence[Architecture] = (), n_candidates: int = 20000,
+           layers: Sequence[int] | str | None = None, space: SearchSpace | None = None,
+           refine: bool | None = None, optuna_trials: int = 24, optuna_batch: int = 12,
+           batch_size: int = 2000, generation_size: int = 500, max_results: int = 50, n_top: int = 10,
+           storage: Any = None, study_name: str | None = None) -> SearchResult:
+    """Best architectures of ``spec`` within ``[target * (1 - tolerance), target]`` parameters.
+
+    ``predictors`` maps metric names to trained predictors (each with a ``featurizer``); every name
+    in ``objectives`` must be there (``ppl*``/``kl*`` minimised, others maximised); the others are
+    only reported. ``warm_start``: archived architectures of ``spec`` (projected into the space).
+    ``space``: a prepared space (default: ``build_space(spec, layers)``); ``refine`` (default: on
+    when the space is built here) narrows it after phase A. ``storage``/``study_name``: an Optuna
+    storage to keep the study in (default in memory). See the module doc for the phases.
+    """
+    import optuna
+
+    t0 = time.perf_counter()
+    objectives = tuple(objectives)
+    if not objectives:
+        raise ValueError("at least one objective is needed")
+    missing = [o for o in objectives if o not in predictors]
+    if missing:
+        raise ValueError(f"no predictor for objective {missing[0]!r} (have: {', '.join(predictors) or 'none'})")
+    directions = tuple(getattr(predictors[o], "direction", None) or metric_direction(o) for o in objectives)
+    target = int(target_params)
+    lo, hi = size_window(target, tolerance)
+    if space is None:
+        space = build_space(spec, layers)
+        refine = True if refine is None else refine
+    elif space.spec != spec:
+        raise ValueError("the search space belongs to another base model")
+    refine = bool(refine)
+    p_min, p_max = space.bounds_params()
+    if p_min > hi:
+        raise ValueError(f"target {target:,} is below the smallest architecture of the search space "
+                         f"({p_min:,} parameters): prune more layers, lower the MLP minimum or allow layer drop")
+    if p_max < lo:
+        raise ValueError(f"the largest architecture of the search space ({p_max:,} parameters) is below "
+                         f"the size window [{lo:,}, {hi:,}]")
+    n_candidates = max(1, int(n_candidates))
+    rng = np.random.default_rng(seed)
+    scorer = _Scorer(predictors, objectives)
+    pool = _Pool(spec, lo, hi, len(objectives))
+    timings: dict[str, float] = {}
+
+    # phase A ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    warm = space.project(encode(warm_start, spec)) if len(warm_start) else None
+    if warm is not None:
+        _score_into(pool, scorer, warm, "warm")
+        rep, _ = space.repair(warm, lo, hi)
+        _score_into(pool, scorer, rep, "warm")
+    base = _baselines(space, target)
+    if base:
+        b = space.project(encode(base, spec))
+        rep, _ = space.repair(b, lo, hi)
+        _score_into(pool, scorer, LayerBatch.concat([b, rep]), "uniform")
+    n_a = min(n_candidates, max(min(256, n_candidates), int(0.2 * n_candidates)))
+    for _ in range(4):
+        room = n_a - pool.size
+        if room <= 0:
+            break
+        raw = space.sample(min(batch_size, room + room // 4 + 8), rng)
+        rep, _ = space.repair(raw, lo, hi)
+        _score_into(pool, scorer, rep, "random", limit=n_a - pool.size)
+    timings["seed"] = time.perf_counter() - t
+
+    # refinement ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    feas = pool.feasible()
+    if refine and len(feas):
+        kv_all, inter_all, F_all, _, _ = pool.arrays()
+        k_el = max(16, len(feas) // 20)
+        el = feas[_select(to_minimization(F_all[feas], directions), k_el)]
+        space = refine_space(space, predictors, elite=LayerBatch(spec, kv_all[el], inter_all[el]),
+                             elite_source=f"top {len(el)} of {len(feas)} seed candidates by predicted objectives")
+    timings["refine"] = time.perf_counter() - t
+
+    # phase B: Optuna ----------------------------------------------------------------------
+    t = time.perf_counter()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        opt_info = _optuna_phase(space, scorer, pool, directions=directions, lo=lo, hi=hi, target=target,
+                                 seed=seed, trials=min(optuna_trials, max(0, n_candidates - pool.size)),
+                                 batch=max(1, optuna_batch), warm=warm, storage=storage,
+                                 study_name=study_name) if len(pool.feasible()) else {"asked": 0}
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    timings["optuna"] = time.perf_counter() - t
+
+    # phase C: vectorised evolution --------------------------------------------------------
+    t = time.perf_counter()
+    generations, stall = 0, 0
+    n_par = 64
+    start_size = pool.size
+    while pool.size < n_candidates and stall < 3:
+        feas = pool.feasible()
+        if not len(feas):
+            raw = space.sample(batch_size, rng)
+            rep, _ = space.repair(raw, lo, hi)
+            added = _score_into(pool, scorer, rep, "random", limit=n_candidates - pool.size)
+        else:
+            kv_all, inter_all, F_all, _, _ = pool.arrays()
+            par = feas[_select(to_minimization(F_all[feas], directions), n_par)]
+            progress = (pool.size - start_size) / max(1, n_candidates - start_size)
+            kids = _offspring(space, rng, kv_all[par], inter_all[par],
+                              min(generation_size, n_candidates - pool.size + 64), progress)
+            rep, _ = space.repair(kids, lo, hi)
+            added = _score_into(pool, scorer, rep, "evolution", limit=n_candidates - pool.size)
+        generations += 1
+        stall = stall + 1 if len(added) == 0 else 0
+    timings["evolution"] = time.perf_counter() - t
+
+    # answer -------------------------------------------------------------------------------
+    t = time.perf_counter()
+    kv_all, inter_all, F_all, p_all, o_all = pool.arrays()
+    feas = pool.feasible()
+    Fmin = to_minimization(F_all[feas], directions)
+    front_idx = feas[_mask_min(Fmin)] if len(feas) else np.zeros(0, np.int64)
+    if len(front_idx) > max_results:
+        cd = crowding_distance(to_minimization(F_all[front_idx], directions), ["minimize"] * len(directions))
+        front_idx = front_idx[np.argsort(-cd, kind="stable")[:max_results]]
+    if len(front_idx):
+        Ff = to_minimization(F_all[front_idx], directions)
+        front_idx = front_idx[np.lexsort(Ff.T[::-1])]
+    ranked_idx = feas[_select(Fmin, n_top)] if len(feas) else np.zeros(0, np.int64)
+    if len(ranked_idx):
+        # order: front first, then by the first objective
+        Fr = to_minimization(F_all[ranked_idx], directions)
+        on_front = np.isin(ranked_idx, feas[_mask_min(Fmin)])
+        ranked_idx = ranked_idx[np.lexsort((Fr[:, 0], ~on_front))]
+    show = np.unique(np.r_[front_idx, ranked_idx])
+    cands: dict[int, Candidate] = {}
+    if len(show):
+        batch = LayerBatch(spec, kv_all[show], inter_all[show])
+        means, stds = scorer.full(batch)
+        for j, i in enumerate(show):
+            arch = batch.architecture(j)
+            cands[int(i)] = Candidate(
+                architecture=arch, params=int(p_all[i]), fraction=float(p_all[i] / spec.total_params),
+                predicted={m: float(v[j]) for m, v in means.items()},
+                uncertainty={m: float(v[j]) for m, v in stds.items()},
+                origin=_ORIGINS[int(o_all[i])])
+    timings["answer"] = time.perf_counter() - t
+    origins = {o: int((o_all == k).sum()) for k, o in enumerate(_ORIGINS)}
+    stats = {
+        "candidates_scored": int(pool.size), "feasible": int(len(feas)),
+        "feasible_share": round(len(feas) / max(1, pool.size), 4), "by_origin": origins,
+        "generations": generations, "optuna": opt_info, "front_size": int(len(front_idx)),
+        "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(scorer.seconds, 4),
+        "phase_seconds": {k: round(v, 4) for k, v in timings.items()}, "seed": seed,
+        "refined": bool(space.refinement is not None),
+        "space_params": [p_min, p_max],
+    }
+    if not len(feas):
+        stats["message"] = (f"no candidate landed in [{lo:,}, {hi:,}] parameters: widen the tolerance "
+                            f"(one MLP channel multiple is {space.multiple * (3 * spec.hidden_size):,} parameters)")
+    return SearchResult(front=[cands[int(i)] for i in front_idx], ranked=[cands[int(i)] for i in ranked_idx],
+                        objectives=objectives, directions=directions, target_params=target, window=(lo, hi),
+                        stats=stats, space=space)
