@@ -21,10 +21,11 @@ from .archdb.archive import Archive, ArchiveError
 from .archdb.formats import FormatError
 from .archdb.protocol import ProtocolError
 from .archdb.reads import NotFound
+from .archdb.errors import ArchoptError
 from .archdb.sizes import SizeError, format_size
 from .archdb.store import StoreError
 
-USER_ERRORS = (ArchiveError, FormatError, NotFound, SizeError, ArchitectureError, StoreError, ProtocolError,
+USER_ERRORS = (ArchoptError, ArchiveError, FormatError, NotFound, SizeError, ArchitectureError, StoreError, ProtocolError,
                click.UsageError)
 
 
@@ -39,8 +40,11 @@ class State:
         self.db = db
         self.debug = debug
         self._archive: Archive | None = None
-        self.out = Console(soft_wrap=True, highlight=False)
-        self.err = Console(stderr=True, soft_wrap=True, highlight=False)
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+        for console in (self.out, self.err):
+            if not console.is_terminal:
+                console.width = 160  # pipes and logs: wide enough for a Pareto table
 
     @property
     def archive(self) -> Archive:
@@ -299,7 +303,8 @@ def show(state: State, arch_id: str, model: str | None, as_json: bool) -> None:
         values = live_metrics(session, [row.id]).get(row.id, {})
         view = arch_view(row, base, values)
         view["model"] = base.name
-        view["all_values"] = [{"metric": k, "value": v.value, "protocol": protocol_dict(session, v.protocol_id)}
+        view["all_values"] = [{"metric": k, "value": v.value, "evaluation": v.evaluation_id,
+                               "protocol": protocol_dict(session, v.protocol_id)}
                               for k, vals in sorted(values.items()) for v in vals]
         spec_heads, spec_kv, spec_inter = base.num_heads, base.num_kv_heads, base.intermediate_size
     if as_json:
@@ -319,14 +324,14 @@ def show(state: State, arch_id: str, model: str | None, as_json: bool) -> None:
                           _bar(layer["intermediate"] / spec_inter))
     state.out.print(table)
     values_table = Table(title="measured")
-    for header in ("metric", "value", "protocol"):
+    for header in ("evaluation", "metric", "value", "protocol"):
         values_table.add_column(header)
     for v in view["all_values"]:
         p = v["protocol"]
         desc = "/".join(str(x) for x in (p["dataset"], p["split"], f"seq{p['seq_len']}" if p["seq_len"] else "",
                                            f"{p['tokens']}tok" if p["tokens"] else "",
                                            f"{p['shots']}-shot" if p["shots"] is not None else "") if x)
-        values_table.add_row(v["metric"], f"{v['value']:.4g}", f"#{p['id']} {desc}")
+        values_table.add_row(str(v["evaluation"]), v["metric"], f"{v['value']:.4g}", f"#{p['id']} {desc}")
     state.out.print(values_table)
 
 
@@ -361,6 +366,441 @@ def evaluations_retract(state: State, evaluation_ids: tuple[int, ...], why: str)
         for eid in evaluation_ids:
             retract_evaluation(session, eid, why)
     click.echo(f"retracted {len(evaluation_ids)} evaluation(s)")
+
+
+# --- evaluate / prune -----------------------------------------------------------------------------
+def _floats(text: str | None, option: str) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def _metric_list(text: str) -> tuple[str, ...]:
+    from .archdb.protocol import METRICS
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    for name in names:
+        if name not in METRICS:
+            import difflib
+            close = difflib.get_close_matches(name, METRICS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(METRICS)})"
+            raise UserError(f"unknown metric {name!r}{hint}")
+    if not names:
+        raise UserError("--metrics needs at least one metric")
+    return names
+
+
+def eval_options(func: Any) -> Any:
+    """Options that define how architectures are measured (shared by evaluate and query --verify)."""
+    options = [
+        click.option("--metrics", default="ppl_wikitext2,ppl_ptb", show_default=True,
+                     help="Comma-separated: ppl_wikitext2, ppl_ptb, mmlu."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Local data laid out like ../shared/data (default: Hugging Face datasets)."),
+        click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True,
+                     help="Perplexity window (LLM-Pruner and the paper use 128)."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="Evaluate perplexity on the first T tokens only (recorded in the protocol)."),
+        click.option("--max-questions", type=click.IntRange(min=1), default=None,
+                     help="MMLU questions per run (recorded in the protocol)."),
+        click.option("--shots", type=click.IntRange(min=0), default=5, show_default=True, help="MMLU shots."),
+        click.option("--ptb-split", type=click.Choice(["validation", "test"]), default="validation",
+                     show_default=True, help="PTB split (LLM-Pruner reports validation)."),
+        click.option("--importance", type=click.Choice(["taylor", "l2"]), default="taylor", show_default=True,
+                     help="What pruning keeps: first-order Taylor (needs gradients) or L2 magnitude."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Weights dtype (default: float32 on CPU, bfloat16 on CUDA)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(metrics: str, data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None,
+              shots: int, ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int):
+    from .optimizer.campaign import EvalSettings
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EvalSettings(metrics=_metric_list(metrics), data_dir=str(data_dir) if data_dir else None,
+                        seq_len=seq_len, max_tokens=max_tokens, max_questions=max_questions, shots=shots,
+                        ptb_split=ptb_split, importance=importance, device=device, dtype=dtype, seed=seed)
+
+
+def run_campaign(state: State, campaign: Any, archs: list[tuple[Any, str]], title: str) -> Any:
+    """Measure ``archs`` with a progress bar (done, ETA, last PPL); returns the campaign report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[last]}")]
+    with Progress(*columns, console=state.err, transient=False) as progress:
+        task = progress.add_task(title, total=len(archs), last="")
+
+        def on_result(i: int, n: int, result: Any) -> None:
+            shown = " ".join(f"{x.metric}={x.value:.4g}" for x in result.measurements if ":" not in x.metric)
+            progress.update(task, advance=1, last="skipped (in archive)" if result.skipped else shown)
+
+        return campaign.run(archs, on_result)
+
+
+@cli.command()
+@click.option("--model", "-m", "model_ref", required=True, help="Local path or hub id of the base model.")
+@click.option("--name", default=None, help="Name to register the base model under (default: hub id or dir name).")
+@click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many sampled architectures to measure.")
+@click.option("--sampler", type=click.Choice(["random", "paper"]), default="random", show_default=True,
+              help="random: per-layer widths (attention biased toward kept); paper: ratios from --ratios.")
+@click.option("--uniform", "uniform_ratios", default=None, help="Also measure uniform baselines, e.g. 0.2,0.3.")
+@click.option("--arch", "arch_texts", multiple=True, help="Also measure this architecture (id, JSON or compact).")
+@click.option("--layers", default=None, help="Prunable layers, inclusive: 3-29 (LLM-Pruner's end is exclusive).")
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5", show_default=True, help="Ratio set of --sampler paper.")
+@click.option("--params", "params_text", default=None, help="Random samples near this size: 5B, 550M, 80%.")
+@click.option("--tolerance", default="5%", show_default=True, help="Size window of --params.")
+@click.option("--no-base", is_flag=True, help="Do not measure the unpruned base model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@eval_options
+@pass_state
+def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampler: str, uniform_ratios: str | None,
+             arch_texts: tuple[str, ...], layers: str | None, ratios: str, params_text: str | None, tolerance: str,
+             no_base: bool, seed: int, metrics: str, data_dir: Path | None, seq_len: int, max_tokens: int | None,
+             max_questions: int | None, shots: int, ptb_split: str, importance: str, device: str | None,
+             dtype: str | None) -> None:
+    """Prune a base model to many architectures and measure them into the archive.
+
+    Each result is written as soon as it is measured; a rerun skips what is there.
+
+    \b
+    Example:
+      archopt evaluate --model ../shared/models/ptb-llama-8l --data-dir ../shared/data \\
+          --samples 20 --uniform 0.2 --metrics ppl_wikitext2,ppl_ptb
+    """
+    from .archdb.arch import full, parse_layer_range
+    from .archdb.sizes import parse_size, parse_tolerance
+    from .optimizer.campaign import Campaign
+    from .optimizer.samplers import sample_architectures, uniform_baselines
+    settings = _settings(metrics, data_dir, seq_len, max_tokens, max_questions, shots, ptb_split, importance,
+                         device, dtype, seed)
+    uniform_values = _floats(uniform_ratios, "--uniform")
+    ratio_values = _floats(ratios, "--ratios")
+    tol = parse_tolerance(tolerance)
+    state.err.print(f"loading {model_ref} on {settings.device} ...")
+    campaign = Campaign(state.archive, model_ref, settings, name)
+    spec = campaign.base.spec
+    layer_idx = parse_layer_range(layers, spec.num_layers) if layers else None
+    target = parse_size(params_text, spec.total_params) if params_text else None
+    archs: list[tuple[Any, str]] = []
+    if not no_base:
+        archs.append((full(spec), "base"))
+    archs += [(a, "uniform") for a in uniform_baselines(spec, uniform_values, layer_idx)]
+    archs += [(_parse_arch(state, campaign.name, spec, t), "ingest") for t in arch_texts]
+    if samples:
+        archs += [(a, "random") for a in sample_architectures(
+            spec, samples, sampler, seed=seed, layers=layer_idx, ratios=ratio_values or (0.1, 0.2, 0.3, 0.4, 0.5),
+            target_params=target, tolerance=tol)]
+    report = run_campaign(state, campaign, archs, f"evaluating {campaign.name}")
+    state.out.print(f"{campaign.name}: {report.evaluated} architectures measured, {report.skipped} already in the archive")
+
+
+def _parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
+    """An architecture given as an archive id (prefix), a JSON file, or any written form."""
+    from .archdb.arch import from_layer_dicts, parse_architecture
+    stripped = text.strip()
+    if 8 <= len(stripped) <= 64 and all(c in "0123456789abcdef" for c in stripped.lower()):
+        from .archdb.reads import get_base_model, resolve_arch
+        with state.archive.read() as session:
+            row = resolve_arch(session, stripped, get_base_model(session, model_name))
+            return from_layer_dicts(spec, json.loads(row.encoding))
+    path = Path(stripped)
+    if stripped[:1] not in "[{" and path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "architecture" in data:  # an archopt.json
+            data = data["architecture"]
+        return parse_architecture(spec, data)
+    return parse_architecture(spec, stripped)
+
+
+@cli.command()
+@click.option("--model", "-m", "model_ref", required=True, help="Base model: registered name, path or hub id.")
+@click.option("--arch", "arch_text", required=True, help="Architecture: archive id (prefix), JSON file or string.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--importance", type=click.Choice(["taylor", "l2"]), default=None,
+              help="Default: the criterion the archive recorded for this architecture, else taylor.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local data (calibration text for taylor).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="dtype of the saved weights (default: the loaded dtype).")
+@click.option("--weights", default=None, help="Where the base weights are (default: the archive's location).")
+@pass_state
+def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importance: str | None,
+          data_dir: Path | None, device: str, dtype: str | None, weights: str | None) -> None:
+    """Write a pruned model: safetensors, config with per-layer shapes, archopt.json, tokenizer.
+
+    \b
+    Example:
+      archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct
+    """
+    from .archdb.reads import arch_importance, get_base_model
+    from .optimizer.campaign import cache_dir
+    from . import evaluators as ev
+    location = weights
+    registered = None
+    with state.archive.read() as session:
+        try:
+            row = get_base_model(session, model_ref)
+            registered, location = row.name, location or row.location
+        except NotFound:
+            if not Path(model_ref).is_dir() and "/" not in model_ref:
+                raise
+    location = location or model_ref
+    base = ev.load_base_model(location, device=device)
+    name = registered or base.name
+    arch = _parse_arch(state, name, base.spec, arch_text)
+    if importance is None:
+        with state.archive.read() as session:
+            known = None
+            if registered:
+                known = arch_importance(session, get_base_model(session, registered), arch.arch_id(name))
+        importance = known or "taylor"
+    imp = ev.compute_importance(base, importance, cache_dir=cache_dir() / "importance",
+                                data_dir=str(data_dir) if data_dir else None)
+    model = ev.prune_model(base, arch, imp)
+    ev.save_pruned(model, base, arch, imp, out_dir, dtype=dtype, base_name=name)
+    state.out.print(f"wrote {out_dir}: {arch.params:,} params ({100 * arch.fraction():.1f}% of {name}), "
+                    f"architecture {arch.arch_id(name)[:12]}")
+
+
+# --- query / predictors ---------------------------------------------------------------------------
+def scatter(points: Sequence[tuple[float, float, str]], width: int = 60, height: int = 12,
+            x_label: str = "params", y_label: str = "ppl") -> str:
+    """A terminal scatter plot: each point (x, y, mark)."""
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    grid = [[" "] * width for _ in range(height)]
+    for x, y, mark in points:
+        col = int((x - x0) / (x1 - x0) * (width - 1))
+        row = height - 1 - int((y - y0) / (y1 - y0) * (height - 1))
+        grid[row][col] = mark if grid[row][col] in (" ", mark) else "#"
+    lines = [f"{y1:>9.4g} ┤" + "".join(grid[0])]
+    lines += ["          │" + "".join(r) for r in grid[1:-1]]
+    lines.append(f"{y0:>9.4g} ┤" + "".join(grid[-1]))
+    lines.append("          └" + "─" * width)
+    lines.append(f"           {format_size(int(x0)):<{width // 2}}{format_size(int(x1)):>{width - width // 2}}")
+    lines.append(f"           {y_label} against {x_label}; o predicted, * measured")
+    return "\n".join(lines)
+
+
+def print_query(state: State, doc: dict[str, Any]) -> None:
+    objectives = doc["objectives"]
+    served = " (served from the store)" if doc.get("served_from_store") else ""
+    state.out.print(f"[bold]{doc['model']}[/] at {format_size(doc['target_params'])} "
+                    f"(window {format_size(doc['window'][0])}-{format_size(doc['window'][1])}): "
+                    f"{len(doc['results'])} Pareto-optimal architectures{served}")
+    table = Table()
+    for header in ("#", "arch", "params", "% base", *[f"{o} pred" for o in objectives],
+                   *[f"{o} meas" for o in objectives], "per-layer kept (A attn, M mlp)"):
+        table.add_column(header, overflow="fold")
+    for r in doc["results"]:
+        preds = [f"{r['predicted'][o]:.4g} ± {r['uncertainty'].get(o, 0):.2g}" for o in objectives]
+        meas = [_cell(r["measured"].get(o)) for o in objectives]
+        table.add_row(str(r["rank"]), r["arch_id"][:10], f"{r['params']:,}", f"{100 * r['fraction']:.1f}%",
+                      *preds, *meas, r.get("sketch", ""))
+    state.out.print(table)
+    first = objectives[0]
+    points = [(r["params"], r["predicted"][first], "o") for r in doc["results"]]
+    points += [(r["params"], r["measured"][first], "*") for r in doc["results"] if r["measured"].get(first) is not None]
+    state.out.print(scatter(points, y_label=first), markup=False)
+    versions = ", ".join(f"{k} v{v}" for k, v in doc["predictor_versions"].items())
+    stale = [k for k, v in doc.get("predictors_stale", {}).items() if v]
+    retrained = doc.get("predictors_retrained") or []
+    notes = (f"; retrained {', '.join(retrained)}" if retrained else "") + (
+        f"; STALE (not retrained): {', '.join(stale)}" if stale else "")
+    stats = doc.get("stats", {})
+    scored = f", {stats['candidates_scored']:,} candidates scored" if "candidates_scored" in stats else ""
+    state.out.print(f"predictors: {versions}{notes}{scored}; query #{doc['query_id']} in {doc['elapsed_ms']:.0f} ms")
+    if doc.get("explain"):
+        state.out.print_json(json.dumps(doc["explain"]))
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="Base model (name, path or hub id).")
+@click.option("--params", "params_text", required=True, help="Size target: 5B, 550M, 5.2e9 or 80% of the base.")
+@click.option("--tolerance", default="2%", show_default=True, help="Results lie in [target*(1-tol), target].")
+@click.option("--objectives", default="ppl_wikitext2", show_default=True,
+              help="Comma-separated metrics to optimise (ppl_* minimised, mmlu maximised).")
+@click.option("--top", type=click.IntRange(min=1, max=200), default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--explain", is_flag=True, help="Show the refined search space (which layers matter).")
+@click.option("--no-retrain", is_flag=True, help="Use the current predictors even if the archive has newer data.")
+@click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure the top K for real.")
+@click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location).")
+@click.option("--json", "as_json", is_flag=True, help="Print the archopt.query/1 JSON document.")
+@eval_options
+@pass_state
+def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
+          explain: bool, no_retrain: bool, verify: int, weights: str | None, as_json: bool, metrics: str,
+          data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
+          ptb_split: str, importance: str, device: str | None, dtype: str | None) -> None:
+    """Pareto-optimal pruned architectures of MODEL for a size target.
+
+    Trains stale predictors first, searches over them, stores the answer; --verify K measures the
+    top K for real and ingests them (the next query learns from them).
+
+    \b
+    Example:
+      archopt query --model ptb-llama-8l --params 80% --top 5
+      archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
+    """
+    from .optimizer.query import QueryRequest, run_query
+    request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
+                           objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()), top=top,
+                           seed=seed, explain=explain, retrain=not no_retrain)
+    doc = run_query(state.archive, request)
+    if as_json and not verify:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not as_json:
+        print_query(state, doc)
+    if verify:
+        doc["verified"] = verify_results(state, doc, verify, weights, metrics, data_dir, seq_len, max_tokens,
+                                         max_questions, shots, ptb_split, importance, device, dtype, seed)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+
+
+def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
+                   data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
+                   ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int) -> list[Any]:
+    """Measure the top ``k`` of a query for real; prints predicted against measured."""
+    from .archdb.arch import from_layer_dicts
+    from .archdb.reads import get_base_model
+    from .optimizer.campaign import Campaign, CampaignError
+    with state.archive.read() as session:
+        base = get_base_model(session, doc["model"])
+        location = weights or base.location
+        from .archdb.store import spec_of
+        spec = spec_of(base)
+    if not location or not (Path(location).is_dir() or ("/" in location and not Path(location).exists()
+                                                          and not location.startswith((".", "/")))):
+        state.err.print(f"cannot verify: the weights of {doc['model']} are not reachable "
+                        f"({location or 'no location recorded'}); pass --weights PATH")
+        return []
+    wanted = tuple(dict.fromkeys([*doc["objectives"], *[x for x in metrics.split(",") if x.strip()]]))
+    settings = _settings(",".join(wanted), data_dir, seq_len, max_tokens, max_questions, shots, ptb_split,
+                         importance, device, dtype, seed)
+    try:
+        campaign = Campaign(state.archive, location, settings, doc["model"])
+    except (CampaignError, OSError) as exc:
+        state.err.print(f"cannot verify: {str(exc).splitlines()[0]}")
+        return []
+    top = doc["results"][:k]
+    archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in top]
+    report = run_campaign(state, campaign, archs, "verifying")
+    by_id = {res.arch_id: res for res in report.results}
+    table = Table(title="predicted against measured")
+    for header in ("#", "arch", *[f"{o} pred" for o in doc["objectives"]], *[f"{o} meas" for o in doc["objectives"]]):
+        table.add_column(header)
+    out = []
+    from .archdb.reads import get_base_model as _gb, live_metrics, resolve_arch
+    with state.archive.read() as session:
+        base = _gb(session, doc["model"])
+        for r in top:
+            row = resolve_arch(session, r["arch_id"], base)
+            values = live_metrics(session, [row.id]).get(row.id, {})
+            measured = {o: (values[o][-1].value if o in values else None) for o in doc["objectives"]}
+            for mm in by_id[r["arch_id"]].measurements:
+                if mm.metric in measured:
+                    measured[mm.metric] = mm.value
+            out.append({"arch_id": r["arch_id"], "predicted": r["predicted"], "measured": measured})
+            table.add_row(str(r["rank"]), r["arch_id"][:10], *[f"{r['predicted'][o]:.4g}" for o in doc["objectives"]],
+                          *[_cell(measured[o]) for o in doc["objectives"]])
+    state.out.print(table)
+    return out
+
+
+@cli.group()
+def predictors() -> None:
+    """Versioned accuracy predictors: list, train, show.
+
+    \b
+    Example:
+      archopt predictors train --model ptb-llama-8l --metric ppl_wikitext2
+    """
+
+
+@predictors.command("list")
+@click.option("--model", "-m", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def predictors_list(state: State, model: str | None, as_json: bool) -> None:
+    """List predictor versions with their cross-validation scores.
+
+    \b
+    Example:
+      archopt predictors list --model ptb-llama-8l
+    """
+    from .optimizer.training import predictor_rows
+    with state.archive.read() as session:
+        rows = predictor_rows(session, model)
+    slim = [{k: v for k, v in r.items() if k not in ("hyperparams", "cv", "library_versions")} for r in rows]
+    emit(state, slim, [("id", "id"), ("model", "model"), ("metric", "metric"), ("protocol", "protocol"),
+                       ("version", "v"), ("algorithm", "algorithm"), ("n_train", "n"), ("r2", "R²"),
+                       ("kendall_tau", "Kendall τ"), ("spearman", "Spearman"), ("mae", "MAE"), ("stale", "stale")],
+         as_json, {"schema": "archopt.predictors/1", "predictors": slim})
+
+
+@predictors.command("train")
+@click.option("--model", "-m", required=True)
+@click.option("--metric", "metric_names", default=None, help="Comma-separated (default: every measured metric).")
+@click.option("--protocol", type=int, default=None, help="Protocol id (default: the most used).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@pass_state
+def predictors_train(state: State, model: str, metric_names: str | None, protocol: int | None, seed: int) -> None:
+    """Train new predictor versions now (a query also retrains stale ones itself).
+
+    \b
+    Example:
+      archopt predictors train --model ptb-llama-8l --metric ppl_wikitext2,ppl_ptb
+    """
+    from .archdb.reads import get_base_model, metrics_of
+    from .optimizer.training import ensure_predictors
+    with state.archive.read() as session:
+        base = get_base_model(session, model)
+        names = [x.strip() for x in metric_names.split(",")] if metric_names else [
+            mm for mm in metrics_of(session, base) if ":" not in mm]
+        name = base.name
+    protocols = {n: protocol for n in names} if protocol is not None else None
+    trained = ensure_predictors(state.archive, name, names, force=True, protocols=protocols, seed=seed)
+    for metric, t in trained.items():
+        cv = t.predictor.cv
+        state.out.print(f"{name} {metric}: v{t.version} {t.predictor.algorithm} on {t.predictor.n_train} pairs, "
+                        f"CV R²={_cell(cv.get('r2'))} Kendall τ={_cell(cv.get('kendall_tau'))} "
+                        f"Spearman={_cell(cv.get('spearman'))} MAE={_cell(cv.get('mae'))}")
+
+
+@predictors.command("show")
+@click.argument("predictor_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def predictors_show(state: State, predictor_id: int, as_json: bool) -> None:
+    """Show one predictor version: algorithm, hyperparameters, CV scores, data, library versions.
+
+    \b
+    Example:
+      archopt predictors show 3
+    """
+    from .optimizer.training import predictor_by_id
+    with state.archive.read() as session:
+        info = predictor_by_id(session, predictor_id)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    state.out.print_json(json.dumps(info))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -47,8 +47,12 @@ def detect_format(path: Path, head: bytes) -> str:
     return "jsonl" if stripped.startswith(b"{") else "csv"
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid number")
+class NonFiniteNumber(ValueError):
+    """A NaN, Infinity or overflowing number (``1e400``); ``field`` is its path in the document."""
+
+    def __init__(self, field_path: str, value: float) -> None:
+        super().__init__(f"field {field_path!r}: must be a finite number, got {value!r}")
+        self.field = field_path
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -60,8 +64,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def loads_strict(text: str) -> Any:
-    """JSON without NaN/Infinity, duplicate keys or absurd nesting."""
+def loads_strict(text: str, allow_nonfinite: bool = False) -> Any:
+    """JSON without NaN/Infinity (``NonFiniteNumber`` names the field), duplicate keys or absurd nesting."""
     depth = 0
     for ch in text[:200_000]:
         if ch in "[{":
@@ -70,22 +74,22 @@ def loads_strict(text: str) -> Any:
                 raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
         elif ch in "]}":
             depth -= 1
-    value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
-    _check_numbers(value, 0)
+    value = json.loads(text, object_pairs_hook=_no_duplicates)
+    _check_numbers(value, "", 0, allow_nonfinite)
     return value
 
 
-def _check_numbers(value: Any, depth: int) -> None:
+def _check_numbers(value: Any, where: str, depth: int, allow_nonfinite: bool) -> None:
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("number out of range")
+    if isinstance(value, float) and not math.isfinite(value) and not allow_nonfinite:
+        raise NonFiniteNumber(where or "(value)", value)
     if isinstance(value, dict):
-        for v in value.values():
-            _check_numbers(v, depth + 1)
+        for k, v in value.items():
+            _check_numbers(v, f"{where}.{str(k)[:40]}" if where else str(k)[:40], depth + 1, allow_nonfinite)
     elif isinstance(value, list):
-        for v in value:
-            _check_numbers(v, depth + 1)
+        for i, v in enumerate(value):
+            _check_numbers(v, f"{where}[{i}]", depth + 1, allow_nonfinite)
 
 
 def read_jsonl(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
@@ -98,6 +102,8 @@ def read_jsonl(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]
             continue
         try:
             data = loads_strict(line)
+        except NonFiniteNumber as exc:
+            raise FormatError(path, number, str(exc)) from None
         except (ValueError, RecursionError) as exc:
             raise FormatError(path, number, f"invalid JSON: {str(exc).splitlines()[0][:120]}") from None
         try:

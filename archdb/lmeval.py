@@ -46,7 +46,7 @@ def _model_ref(data: Mapping[str, Any]) -> str | None:
 
 def read_lmeval(path: str, raw: bytes, allow_limit: bool = False) -> LmEvalFile:
     try:
-        data = loads_strict(raw.decode("utf-8"))
+        data = loads_strict(raw.decode("utf-8"), allow_nonfinite=True)  # NaN stderrs are common; values are checked below
     except UnicodeDecodeError:
         raise FormatError(path, None, "is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:

@@ -110,3 +110,44 @@ class Evaluation(Base):
 
     architecture: Mapped[Architecture] = relationship(back_populates="evaluations")
     protocol: Mapped[Protocol] = relationship()
+
+
+class PredictorVersion(Base):
+    """A trained predictor of one (base model, metric, protocol); versions count up from 1."""
+
+    __tablename__ = "predictors"
+    __table_args__ = (UniqueConstraint("base_model_id", "metric", "protocol_id", "version",
+                                       name="uq_predictor_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    metric: Mapped[str] = mapped_column(String(200))
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    algorithm: Mapped[str] = mapped_column(String(60))
+    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    feature_set: Mapped[str] = mapped_column(String(40))
+    features: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    trained_on: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    n_train: Mapped[int] = mapped_column(Integer)
+    last_evaluation_id: Mapped[int] = mapped_column(Integer)
+    cv: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    library_versions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    artifact: Mapped[bytes] = mapped_column(LargeBinary)
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class StoredQuery(Base):
+    """An answered query; an identical later query (same inputs and predictor versions) reuses it."""
+
+    __tablename__ = "queries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_key: Mapped[str] = mapped_column(String(64), unique=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    target_params: Mapped[int] = mapped_column(BigInteger)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    elapsed_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -205,3 +205,28 @@ def _eval_dict(e: m.Evaluation, protocol: dict[str, Any]) -> dict[str, Any]:
         d["retracted_at"] = e.retracted_at.isoformat()
         d["retract_reason"] = e.retract_reason
     return d
+
+
+def find_base_model_by_hash(session: Session, ref: str, digest: str) -> m.BaseModel | None:
+    """A registered model named or located ``ref``, else the first with config hash ``digest``."""
+    from .store import find_base_model
+    row = find_base_model(session, ref)
+    if row is None:
+        row = session.scalar(select(m.BaseModel).where(m.BaseModel.config_hash == digest).order_by(m.BaseModel.id))
+    return row
+
+
+def measured_keys(session: Session, base: m.BaseModel, protocol_keys: list[str]) -> set[tuple[str, str, str]]:
+    """(architecture hash, metric, protocol key) of every live value of ``base`` under those protocols."""
+    q = (select(m.Architecture.arch_hash, m.Evaluation.metric, m.Protocol.key)
+         .join(m.Evaluation, m.Evaluation.architecture_id == m.Architecture.id)
+         .join(m.Protocol, m.Protocol.id == m.Evaluation.protocol_id)
+         .where(m.Architecture.base_model_id == base.id, m.Protocol.key.in_(protocol_keys),
+                m.Evaluation.retracted_at.is_(None)))
+    return {(a, b, c) for a, b, c in session.execute(q)}
+
+
+def arch_importance(session: Session, base: m.BaseModel, arch_hash: str) -> str | None:
+    """The importance criterion an existing architecture was pruned with (None: unknown or new)."""
+    return session.scalar(select(m.Architecture.importance).where(
+        m.Architecture.base_model_id == base.id, m.Architecture.arch_hash == arch_hash))

@@ -59,8 +59,13 @@ def _insert(session: Session, entity: Any) -> Any:
 
 
 def _run(session: Session, stmt: Any, rows: Any = None) -> Any:
-    """Execute Core statements on the session's connection (same transaction, plain cursor results)."""
+    """Execute Core statements on the session's connection (same transaction, plain cursor results).
+
+    ``preserve_rowcount``: SQLAlchemy 2.1 with psycopg reports ``rowcount == -1`` for INSERTs
+    otherwise, which made every row count as "already there" on PostgreSQL.
+    """
     conn = session.connection()
+    stmt = stmt.execution_options(preserve_rowcount=True)
     return conn.execute(stmt) if rows is None else conn.execute(stmt, rows)
 
 

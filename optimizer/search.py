@@ -39,7 +39,7 @@ from archopt.archdb.arch import Architecture, ArchitectureError, BaseSpec, unifo
 from .encoding import LayerBatch, encode
 from .pareto import _mask_min, crowding_distance, to_minimization
 from .predictors import metric_direction
-from .space import SearchSpace, build_space, refine_space, size_window
+from .space import SearchSpace, build_space, refine_space, size_window, trust_bounds
 
 __all__ = ["Candidate", "SearchResult", "search"]
 
@@ -402,7 +402,8 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
            layers: Sequence[int] | str | None = None, space: SearchSpace | None = None,
            refine: bool | None = None, optuna_trials: int = 24, optuna_batch: int = 12,
            batch_size: int = 2000, generation_size: int = 500, max_results: int = 50, n_top: int = 10,
-           storage: Any = None, study_name: str | None = None) -> SearchResult:
+           storage: Any = None, study_name: str | None = None, extrapolate: bool = False,
+           trust_margin: float = 0.05) -> SearchResult:
     """Best architectures of ``spec`` within ``[target * (1 - tolerance), target]`` parameters.
 
     ``predictors`` maps metric names to trained predictors (each with a ``featurizer``); every name
@@ -411,6 +412,11 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     ``space``: a prepared space (default: ``build_space(spec, layers)``); ``refine`` (default: on
     when the space is built here) narrows it after phase A. ``storage``/``study_name``: an Optuna
     storage to keep the study in (default in memory). See the module doc for the phases.
+
+    Trust region: a space built here does not go narrower than the predictors' training data
+    (``space.trust_bounds``; MLP ``trust_margin`` below the narrowest width seen, attention not below
+    the fewest KV groups seen), because tree predictors extrapolate flat and the search would
+    exploit it. ``extrapolate=True`` searches the whole default space.
     """
     import optuna
 
@@ -424,8 +430,16 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     directions = tuple(getattr(predictors[o], "direction", None) or metric_direction(o) for o in objectives)
     target = int(target_params)
     lo, hi = size_window(target, tolerance)
+    trust = None
     if space is None:
-        space = build_space(spec, layers)
+        kw: dict[str, Any] = {}
+        trust = None if extrapolate else trust_bounds([predictors[o] for o in objectives])
+        if trust:
+            if "mlp" in trust:
+                kw["mlp_min_frac"] = min(1.0, max(0.1, trust["mlp"] - trust_margin))
+            if "attn" in trust:
+                kw["attn_min_groups"] = max(1, int(math.floor(trust["attn"] * spec.num_kv_heads + 1e-6)))
+        space = build_space(spec, layers, **kw)
         refine = True if refine is None else refine
     elif space.spec != spec:
         raise ValueError("the search space belongs to another base model")
@@ -517,31 +531,48 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     kv_all, inter_all, F_all, p_all, o_all = pool.arrays()
     feas = pool.feasible()
     Fmin = to_minimization(F_all[feas], directions)
-    front_idx = feas[_mask_min(Fmin)] if len(feas) else np.zeros(0, np.int64)
-    if len(front_idx) > max_results:
-        cd = crowding_distance(to_minimization(F_all[front_idx], directions), ["minimize"] * len(directions))
-        front_idx = front_idx[np.argsort(-cd, kind="stable")[:max_results]]
-    if len(front_idx):
-        Ff = to_minimization(F_all[front_idx], directions)
-        front_idx = front_idx[np.lexsort(Ff.T[::-1])]
-    ranked_idx = feas[_select(Fmin, n_top)] if len(feas) else np.zeros(0, np.int64)
-    if len(ranked_idx):
-        # order: front first, then by the first objective
-        Fr = to_minimization(F_all[ranked_idx], directions)
-        on_front = np.isin(ranked_idx, feas[_mask_min(Fmin)])
-        ranked_idx = ranked_idx[np.lexsort((Fr[:, 0], ~on_front))]
-    show = np.unique(np.r_[front_idx, ranked_idx])
+    M = len(directions)
+    front_all = feas[_mask_min(Fmin)] if len(feas) else np.zeros(0, np.int64)
+    if len(front_all) > 512:   # many ties or a dense front: keep a spread subset before predicting std
+        cd = crowding_distance(to_minimization(F_all[front_all], directions), ["minimize"] * M)
+        front_all = front_all[np.sort(np.argsort(-cd, kind="stable")[:512])]
+    near = feas[_select(Fmin, max(4 * n_top, 16))] if len(feas) else np.zeros(0, np.int64)
+    show = np.unique(np.r_[front_all, near])
     cands: dict[int, Candidate] = {}
+    risk = np.zeros(0)
     if len(show):
         batch = LayerBatch(spec, kv_all[show], inter_all[show])
         means, stds = scorer.full(batch)
+        # tie-break: the sum over objectives of std relative to the mean (less uncertain first)
+        risk = sum(stds[o] / np.maximum(np.abs(means[o]), 1e-12) for o in objectives if o in stds)
+        risk = np.broadcast_to(np.asarray(risk, dtype=float), (len(show),))
         for j, i in enumerate(show):
-            arch = batch.architecture(j)
             cands[int(i)] = Candidate(
-                architecture=arch, params=int(p_all[i]), fraction=float(p_all[i] / spec.total_params),
+                architecture=batch.architecture(j), params=int(p_all[i]),
+                fraction=float(p_all[i] / spec.total_params),
                 predicted={m: float(v[j]) for m, v in means.items()},
                 uncertainty={m: float(v[j]) for m, v in stds.items()},
                 origin=_ORIGINS[int(o_all[i])])
+    risk_of = {int(i): float(r) for i, r in zip(show, risk)}
+    front_idx = front_all
+    if len(front_idx) > max_results:
+        if M == 1:   # all tied on the objective: the least uncertain
+            order = np.argsort([risk_of[int(i)] for i in front_idx], kind="stable")
+        else:
+            cd = crowding_distance(to_minimization(F_all[front_idx], directions), ["minimize"] * M)
+            order = np.argsort(-cd, kind="stable")
+        front_idx = front_idx[order[:max_results]]
+    if len(front_idx):
+        Ff = to_minimization(F_all[front_idx], directions)
+        rk = np.array([risk_of[int(i)] for i in front_idx])
+        front_idx = front_idx[np.lexsort((rk,) + tuple(Ff.T[::-1]))]
+    ranked_idx = near
+    if len(ranked_idx):
+        # front first, then by the first objective, then the least uncertain
+        Fr = to_minimization(F_all[ranked_idx], directions)
+        on_front = np.isin(ranked_idx, front_all)
+        rk = np.array([risk_of[int(i)] for i in ranked_idx])
+        ranked_idx = ranked_idx[np.lexsort((rk, Fr[:, 0], ~on_front))][:n_top]
     timings["answer"] = time.perf_counter() - t
     origins = {o: int((o_all == k).sum()) for k, o in enumerate(_ORIGINS)}
     stats = {
@@ -552,6 +583,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
         "phase_seconds": {k: round(v, 4) for k, v in timings.items()}, "seed": seed,
         "refined": bool(space.refinement is not None),
         "space_params": [p_min, p_max],
+        "trust_region": None if trust is None else {k: round(v, 4) for k, v in trust.items()},
     }
     if not len(feas):
         stats["message"] = (f"no candidate landed in [{lo:,}, {hi:,}] parameters: widen the tolerance "

@@ -25,9 +25,11 @@ the rounding remainder, ending at most one channel multiple under the target.
 
 Refinement (the seed paper's step, automated). ``refine_space`` maps predictor feature
 importances onto per-layer attention / MLP dimensions, keeps the dimensions that carry
-``coverage`` of the importance free (at least ``min_free_frac`` of them), fixes the attention of
-the others to the value the best candidates favour (median of an elite set) and narrows their MLP
-range to a band around it (the repair needs slack there). The record is JSON-ready (``--explain``).
+``coverage`` of the importance free (at least ``min_free_frac`` of them) and narrows the others to
+the range the best candidates occupy (quantiles of an elite set: the archive's best or the search's
+own best predicted seed candidates), fixing attention where the elite agrees. Only the free
+dimensions are sampled by Optuna; the others sit at the elite median there. The record is
+JSON-ready (``--explain``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .encoding import LayerBatch, batch_params, encode, layer_param_coefficients
 from .features import layer_attribution
 
 __all__ = ["SearchSpace", "build_space", "refine_space", "dimension_importance", "batch_params",
-           "size_window"]
+           "size_window", "trust_bounds"]
 
 
 def size_window(target_params: int, tolerance: float) -> tuple[int, int]:
@@ -333,12 +335,32 @@ def build_space(spec: BaseSpec, layers: Sequence[int] | str | None = None, *, ml
                        attn_keep_prob=attn_keep_prob, attn_decay=attn_decay)
 
 
+def trust_bounds(predictors: Mapping[str, Any] | Sequence[Any]) -> dict[str, float] | None:
+    """Smallest kept fractions of attention and MLP the predictors saw in training.
+
+    Tree ensembles extrapolate flat: beyond the narrowest width in the archive, pruning more looks
+    free to them, and a search would exploit exactly that. Reads per-layer (``attn_l*``,
+    ``mlp_l*``) or depth-profile (``attn_p*``, ``mlp_p*``) feature ranges; the largest minimum over
+    the predictors wins. ``None`` when no predictor records ranges.
+    """
+    preds = list(predictors.values()) if isinstance(predictors, Mapping) else list(predictors)
+    out: dict[str, float] = {}
+    for pr in preds:
+        rng = pr.training_range() if hasattr(pr, "training_range") else {}
+        for kind in ("attn", "mlp"):
+            vals = [lo for n, (lo, _) in rng.items() if n.startswith(kind + "_l") or n.startswith(kind + "_p")]
+            if vals:
+                out[kind] = max(out.get(kind, 0.0), float(min(vals)))
+    return out or None
+
+
 def dimension_importance(predictors: Mapping[str, Any] | Sequence[Any], spec: BaseSpec,
-                         layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+                         layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
     """Per prunable layer, attention and MLP importance from the predictors' feature importances.
 
     Each predictor's importances (summing to 1) are mapped to layers with ``layer_attribution``;
     predictors count equally; the result is normalised to sum to 1 over both kinds together.
+    ``None`` when no predictor reports importances tied to layer widths.
     """
     preds = list(predictors.values()) if isinstance(predictors, Mapping) else list(predictors)
     L = spec.num_layers
@@ -361,23 +383,32 @@ def dimension_importance(predictors: Mapping[str, Any] | Sequence[Any], spec: Ba
     a, m = attn[idx], mlp[idx]
     total = a.sum() + m.sum()
     if total <= 0:
-        return np.full(len(idx), 0.5 / len(idx)), np.full(len(idx), 0.5 / len(idx))
+        return None
     return a / total, m / total
 
 
 def refine_space(space: SearchSpace, predictors: Mapping[str, Any] | Sequence[Any], *,
                  elite: LayerBatch | Sequence[Architecture] | None = None, coverage: float = 0.9,
-                 min_free_frac: float = 0.25, mlp_band: float = 0.15,
+                 min_free_frac: float = 0.25, margin: float = 0.05, quantiles: tuple[float, float] = (0.1, 0.9),
                  elite_source: str | None = None) -> SearchSpace:
-    """Narrow ``space`` using predictor importances (see module doc); returns a new space whose
-    ``refinement`` is a JSON-ready record of every dimension's importance and range.
+    """Narrow ``space`` using predictor importances; returns a new space whose ``refinement`` is a
+    JSON-ready record of every dimension's importance, status and range.
 
-    ``elite``: the best architectures known (archive or predicted); a non-free dimension is set
-    to their median (attention: fixed; MLP: a band of ``mlp_band`` of the width around it). Without
-    an elite, the middle of the current range is used for the MLP and full attention is kept.
+    The dimensions (attention and MLP of each prunable layer) that together carry ``coverage`` of
+    the importance stay free (at least ``min_free_frac`` of them). The others are narrowed to where
+    the ``elite`` (the best architectures known: archive or predicted) lives: attention to the
+    elite's ``quantiles`` range of KV groups (fixed when the elite agrees on one value), MLP to its
+    quantile range widened by ``margin`` of the width on each side (the repair needs slack there).
+    Without an elite, unimportant attention is fixed at full width (see the module doc on attention)
+    and MLP ranges stay as they are. Without importances, the space is returned unchanged.
     """
     spec, idx, P = space.spec, space.idx, space.P
-    a_imp, m_imp = dimension_importance(predictors, spec, space.layers)
+    names = list(predictors) if isinstance(predictors, Mapping) else [getattr(p, "metric", "?") for p in predictors]
+    di = dimension_importance(predictors, spec, space.layers)
+    if di is None:
+        return replace(space, refinement={"method": "skipped: no predictor reports feature importances",
+                                          "metrics": names, "dims": []})
+    a_imp, m_imp = di
     movable = np.r_[space.movable_attn(), space.movable_mlp()]
     imp = np.r_[a_imp, m_imp]
     order = np.argsort(-np.where(movable, imp, -1.0), kind="stable")
@@ -392,47 +423,56 @@ def refine_space(space: SearchSpace, predictors: Mapping[str, Any] | Sequence[An
         free[d] = True
         acc += imp[d]
 
+    eb = None
     if elite is not None:
-        eb = elite if isinstance(elite, LayerBatch) else encode(elite, spec)
-        eb = space.project(eb)
-    else:
-        eb = None
-    if eb is not None and len(eb):
-        fav_kv = np.median(eb.kv[:, idx], axis=0)
-        fav_mlp = np.median(eb.inter[:, idx], axis=0)
-    else:
-        fav_kv = space.kv_hi.astype(float)
-        fav_mlp = (space.mlp_lo + space.mlp_hi) / 2.0
-    fav_kv = np.clip(np.floor(fav_kv + 0.5).astype(np.int64), space.kv_lo, space.kv_hi)
-    fav_mlp = space.round_mlp(fav_mlp)
-
+        eb = space.project(elite if isinstance(elite, LayerBatch) else encode(elite, spec))
+        if not len(eb):
+            eb = None
+    m = space.multiple
+    I = spec.intermediate_size
     kv_lo, kv_hi = space.kv_lo.copy(), space.kv_hi.copy()
     mlp_lo, mlp_hi = space.mlp_lo.copy(), space.mlp_hi.copy()
-    band = int(round(mlp_band * spec.intermediate_size))
+    if eb is not None:
+        ekv, emlp = eb.kv[:, idx], eb.inter[:, idx]
+        center_kv = np.clip(np.floor(np.median(ekv, axis=0) + 0.5).astype(np.int64), space.kv_lo, space.kv_hi)
+        center_mlp = space.round_mlp(np.median(emlp, axis=0))
+        q_kv = np.quantile(ekv, quantiles, axis=0, method="nearest").astype(np.int64)
+        q_mlp = np.quantile(emlp, quantiles, axis=0)
+    else:
+        center_kv = space.kv_hi.copy()
+        center_mlp = space.round_mlp((space.mlp_lo + space.mlp_hi) / 2.0)
+    pad = int(round(margin * I))
     dims = []
     for d in range(2 * P):
         p, kind = d % P, ("attn" if d < P else "mlp")
         before = [int(kv_lo[p]), int(kv_hi[p])] if kind == "attn" else [int(mlp_lo[p]), int(mlp_hi[p])]
+        fav = int(center_kv[p] if kind == "attn" else center_mlp[p])
         if not movable[d]:
-            status, fav = "fixed", before[0]
+            status = "fixed"
         elif free[d]:
-            status, fav = "free", int(fav_kv[p] if kind == "attn" else fav_mlp[p])
+            status = "free"
         elif kind == "attn":
-            status, fav = "fixed", int(fav_kv[p])
-            kv_lo[p] = kv_hi[p] = fav
+            lo_, hi_ = (int(q_kv[0, p]), int(q_kv[1, p])) if eb is not None else (int(kv_hi[p]), int(kv_hi[p]))
+            lo_, hi_ = max(lo_, int(kv_lo[p])), min(hi_, int(kv_hi[p]))
+            kv_lo[p], kv_hi[p] = lo_, hi_
+            status = "fixed" if lo_ == hi_ else "narrowed"
+            fav = int(np.clip(fav, lo_, hi_))
+            center_kv[p] = fav
+        elif eb is not None:
+            lo_ = max(int(space.mlp_lo[p]), int(q_mlp[0, p] - pad) // m * m)
+            hi_ = min(int(space.mlp_hi[p]), -(-int(q_mlp[1, p] + pad) // m) * m)
+            mlp_lo[p], mlp_hi[p] = lo_, max(lo_, hi_)
+            status = "narrowed" if (lo_, hi_) != tuple(before) else "free"
         else:
-            status, fav = "narrowed", int(fav_mlp[p])
-            m = space.multiple
-            mlp_lo[p] = max(int(space.mlp_lo[p]), (fav - band) // m * m)
-            mlp_hi[p] = min(int(space.mlp_hi[p]), -((-(fav + band)) // m) * m)
+            status = "unchanged"
         after = [int(kv_lo[p]), int(kv_hi[p])] if kind == "attn" else [int(mlp_lo[p]), int(mlp_hi[p])]
         dims.append({"layer": int(idx[p]), "kind": kind, "importance": round(float(imp[d]), 5),
                      "status": status, "range_before": before, "range_after": after, "favoured": fav})
     dims.sort(key=lambda r: -r["importance"])
-    names = list(predictors) if isinstance(predictors, Mapping) else [getattr(p, "metric", "?") for p in predictors]
     record = {
         "method": "feature-importance refinement (Ji, Cao, Liu 2023), automated",
-        "metrics": names, "coverage": coverage, "min_free_frac": min_free_frac, "mlp_band": mlp_band,
+        "metrics": names, "coverage": coverage, "min_free_frac": min_free_frac, "margin": margin,
+        "quantiles": list(quantiles),
         "free": int(free.sum()), "fixed": sum(r["status"] == "fixed" for r in dims),
         "narrowed": sum(r["status"] == "narrowed" for r in dims),
         "importance_covered": round(float(imp[free].sum() / total), 4) if total > 0 else None,
@@ -442,4 +482,4 @@ def refine_space(space: SearchSpace, predictors: Mapping[str, Any] | Sequence[An
     }
     return replace(space, kv_lo=kv_lo, kv_hi=kv_hi, mlp_lo=mlp_lo, mlp_hi=mlp_hi,
                    attn_importance=a_imp, mlp_importance=m_imp, free_attn=free[:P], free_mlp=free[P:],
-                   center_kv=fav_kv, center_mlp=fav_mlp, refinement=record)
+                   center_kv=center_kv, center_mlp=np.clip(center_mlp, mlp_lo, mlp_hi), refinement=record)

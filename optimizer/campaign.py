@@ -1,0 +1,152 @@
+"""Measuring architectures for real and writing each result to the archive as soon as it is known.
+
+Used by ``archopt evaluate`` and by ``archopt query --verify``. The base model is loaded once, its
+importance computed once (and cached on disk), and every architecture is pruned from it, measured,
+and stored in its own transaction: a crash loses at most the architecture in flight, and a rerun
+skips what the archive already holds under the same protocols.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from archopt.archdb.arch import Architecture
+from archopt.archdb.archive import Archive
+from archopt.archdb.errors import ArchoptError
+from archopt.archdb.protocol import Measurement
+from archopt.archdb.records import BaseModelInfo
+from archopt.archdb.store import NewArch, record_measurements, register_base_model
+from archopt.archdb import reads
+
+
+class CampaignError(ArchoptError, RuntimeError):
+    """The evaluation run cannot proceed (one line)."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to measure and how: the protocol-defining options of ``archopt evaluate``."""
+
+    metrics: tuple[str, ...] = ("ppl_wikitext2", "ppl_ptb")
+    data_dir: str | None = None
+    seq_len: int = 128
+    max_tokens: int | None = None
+    max_questions: int | None = None
+    shots: int = 5
+    ptb_split: str = "validation"
+    importance: str = "taylor"
+    calibration_samples: int = 10
+    calibration_seq_len: int = 64
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ArchResult:
+    arch_id: str
+    arch: Architecture
+    measurements: list[Measurement]
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class CampaignReport:
+    model: str
+    results: list[ArchResult] = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> int:
+        return sum(not r.skipped for r in self.results)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.skipped for r in self.results)
+
+
+def cache_dir() -> Path:
+    """Where importance scores and tokenized texts are cached (``ARCHOPT_CACHE`` or ~/.cache/archopt)."""
+    return Path(os.environ.get("ARCHOPT_CACHE") or Path.home() / ".cache" / "archopt")
+
+
+def weights_location(ref: str) -> str:
+    """A local directory as an absolute path, a hub id as written."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.is_dir() else ref
+
+
+class Campaign:
+    """A loaded base model with its importance and prepared evaluation tasks."""
+
+    def __init__(self, archive: Archive, model_ref: str, settings: EvalSettings, name: str | None = None) -> None:
+        from archopt import evaluators as ev
+
+        self.archive = archive
+        self.settings = settings
+        try:
+            self.base = ev.load_base_model(model_ref, device=settings.device, dtype=settings.dtype)
+        except (OSError, ValueError) as exc:
+            raise CampaignError(f"cannot load model {model_ref!r}: {str(exc).splitlines()[0][:200]}") from None
+        self.name = name or self._registered_name(model_ref) or self.base.name
+        info = BaseModelInfo(self.name, self.base.spec, self.base.config_hash, weights_location(model_ref),
+                             self.base.revision)
+        with archive.write() as session:
+            row, _ = register_base_model(session, info)
+            if row.config_hash != self.base.config_hash:
+                raise CampaignError(f"base model {self.name!r} is registered with another config; pick --name")
+        self.importance = ev.compute_importance(
+            self.base, settings.importance, samples=settings.calibration_samples,
+            seq_len=settings.calibration_seq_len, seed=settings.seed, cache_dir=cache_dir() / "importance",
+            data_dir=settings.data_dir)
+        self.evaluator = ev.Evaluator(
+            self.base.tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
+            max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
+            ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+
+    def _registered_name(self, model_ref: str) -> str | None:
+        with self.archive.read() as session:
+            row = reads.find_base_model_by_hash(session, model_ref, self.base.config_hash)
+            return row.name if row is not None else None
+
+    def protocol_keys(self) -> dict[str, str]:
+        return {metric: task.protocol.key() for metric, task in self.evaluator.tasks.items()}
+
+    def run(self, archs: Sequence[tuple[Architecture, str]],
+            on_result: Callable[[int, int, ArchResult], Any] | None = None) -> CampaignReport:
+        """Measure each (architecture, origin) not yet in the archive under these protocols."""
+        report = CampaignReport(self.name)
+        wanted = self.protocol_keys()
+        with self.archive.read() as session:
+            base_row = reads.get_base_model(session, self.name)
+            done = reads.measured_keys(session, base_row, list(wanted.values()))
+        criterion = self.importance.criterion
+        calibration = self.importance.calibration_label()
+        for i, (arch, origin) in enumerate(archs):
+            arch_id = arch.arch_id(self.name)
+            if all((arch_id, metric, key) in done for metric, key in wanted.items()):
+                result = ArchResult(arch_id, arch, [], True, 0.0)
+            else:
+                start = time.perf_counter()
+                measurements = self.evaluator.evaluate_architecture(self.base, arch, self.importance)
+                seconds = time.perf_counter() - start
+                with self.archive.write() as session:
+                    stored = reads.get_base_model(session, self.name)
+                    existing = reads.arch_importance(session, stored, arch_id)
+                    if existing is not None and existing != criterion:
+                        raise CampaignError(
+                            f"architecture {arch_id[:12]} was pruned with {existing} importance; evaluate it "
+                            f"with --importance {existing} or register another --name")
+                    record_measurements(session, stored, NewArch(arch, origin, criterion, calibration),
+                                        measurements, source=f"archopt evaluate ({self.settings.device})")
+                for metric, key in wanted.items():
+                    done.add((arch_id, metric, key))
+                result = ArchResult(arch_id, arch, measurements, False, seconds)
+            report.results.append(result)
+            if on_result is not None:
+                on_result(i, len(archs), result)
+        return report

@@ -1,0 +1,217 @@
+"""Versioned predictors in the archive: train from measured pairs, store, verify, load, retrain.
+
+A predictor version is trained on every live evaluation of one (base model, metric, protocol). Its
+joblib artifact lives in the archive with its sha256 and the library versions that made it.
+Loading checks the hash (a mismatch is refused) and the scikit-learn version (a mismatch means
+retrain); nothing is ever unpickled from outside the archive. A version is stale when the archive
+holds live evaluations it has not seen (or retracted one it learned from).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import joblib
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from archopt.archdb import models as m
+from archopt.archdb import reads
+from archopt.archdb.archive import Archive
+from archopt.archdb.errors import ArchoptError
+from archopt.archdb.store import spec_of
+
+from .encoding import encode
+from .features import Featurizer
+from .predictors import Predictor, train_predictor
+
+MIN_TRAIN = 5
+
+
+class PredictorError(ArchoptError, RuntimeError):
+    """No usable predictor (too few evaluations, tampered artifact, unknown metric)."""
+
+
+class StalePredictor(PredictorError):
+    """The artifact was made by other library versions: retrain rather than trust it."""
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+    return {"scikit-learn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
+            "python": platform.python_version()}
+
+
+def dumps(predictor: Predictor) -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    joblib.dump(predictor, buffer, compress=3)
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def loads(row: m.PredictorVersion) -> Predictor:
+    """Unpickle a stored artifact after checking its hash and the scikit-learn version."""
+    if hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256:
+        raise PredictorError(f"predictor {row.metric} v{row.version}: artifact hash mismatch (tampered or "
+                             "corrupted); retrain with `archopt predictors train`")
+    stored = (row.library_versions or {}).get("scikit-learn")
+    if stored != library_versions()["scikit-learn"]:
+        raise StalePredictor(f"predictor {row.metric} v{row.version} was made by scikit-learn {stored}")
+    predictor = joblib.load(io.BytesIO(row.artifact))
+    if not isinstance(predictor, Predictor):
+        raise PredictorError(f"predictor {row.metric} v{row.version}: artifact is not an archopt predictor")
+    return predictor
+
+
+@dataclass
+class Trained:
+    """A usable predictor with its archive row facts."""
+
+    predictor: Predictor
+    version: int
+    row_id: int
+    protocol_id: int
+    stale: bool
+    retrained: bool
+
+
+def latest_row(session: Session, base: m.BaseModel, metric: str, protocol_id: int) -> m.PredictorVersion | None:
+    return session.scalar(select(m.PredictorVersion).where(
+        m.PredictorVersion.base_model_id == base.id, m.PredictorVersion.metric == metric,
+        m.PredictorVersion.protocol_id == protocol_id).order_by(m.PredictorVersion.version.desc()).limit(1))
+
+
+def is_stale(session: Session, row: m.PredictorVersion) -> bool:
+    """True when the live evaluations of its (metric, protocol) differ from what it learned."""
+    q = (select(func.count(), func.max(m.Evaluation.id))
+         .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
+         .where(m.Architecture.base_model_id == row.base_model_id, m.Evaluation.metric == row.metric,
+                m.Evaluation.protocol_id == row.protocol_id, m.Evaluation.retracted_at.is_(None)))
+    count, last = session.execute(q).one()
+    return int(count) != row.n_train or int(last or 0) != row.last_evaluation_id
+
+
+def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id: int, *, seed: int = 0,
+                  candidates: Sequence[str] | None = None) -> tuple[m.PredictorVersion, Predictor]:
+    """Train on every live pair, store the next version (caller's transaction)."""
+    pairs = reads.training_pairs(session, base, metric, protocol_id)
+    if len(pairs) < MIN_TRAIN:
+        raise PredictorError(f"{base.name}: only {len(pairs)} live {metric} evaluations under protocol "
+                             f"#{protocol_id}; a predictor needs at least {MIN_TRAIN} (run archopt evaluate)")
+    spec = spec_of(base)
+    archs = [reads.architecture_of(a, base) for a, _, _ in pairs]
+    featurizer = Featurizer.for_spec(spec, "model")
+    X = featurizer.transform(encode(archs, spec))
+    y = np.array([v for _, v, _ in pairs])
+    kwargs: dict[str, Any] = {"seed": seed, "featurizer": featurizer}
+    if candidates:
+        kwargs["candidates"] = tuple(candidates)
+    predictor = train_predictor(X, y, metric, **kwargs)
+    artifact, digest = dumps(predictor)
+    previous = latest_row(session, base, metric, protocol_id)
+    eval_ids = [e for _, _, e in pairs]
+    row = m.PredictorVersion(
+        base_model_id=base.id, metric=metric, protocol_id=protocol_id,
+        version=(previous.version + 1) if previous else 1, algorithm=predictor.algorithm,
+        hyperparams=_jsonable(predictor.hyperparams), feature_set="model",
+        features={"names": predictor.feature_names, "bins": featurizer.bins},
+        trained_on={"evaluation_ids": eval_ids,
+                    "sha256": hashlib.sha256(",".join(map(str, eval_ids)).encode()).hexdigest()},
+        n_train=len(pairs), last_evaluation_id=max(eval_ids), cv=_jsonable(predictor.cv),
+        library_versions=library_versions(), artifact=artifact, artifact_sha256=digest, created_at=m.utcnow())
+    session.add(row)
+    session.flush()
+    return row, predictor
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if np.isfinite(f) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def protocol_for(session: Session, base: m.BaseModel, metric: str, protocol_id: int | None = None) -> int:
+    if protocol_id is not None:
+        return protocol_id
+    found = reads.default_protocol(session, base, metric)
+    if found is None:
+        known = reads.metrics_of(session, base)
+        raise PredictorError(f"{base.name} has no {metric} evaluations"
+                             + (f" (it has: {', '.join(known[:6])})" if known else " (run archopt evaluate)"))
+    return found
+
+
+def ensure_predictors(archive: Archive, model: str, metrics: Sequence[str], *, retrain: bool = True,
+                      force: bool = False, protocols: dict[str, int] | None = None, seed: int = 0) -> dict[str, Trained]:
+    """The newest usable predictor per metric, training one when missing, stale (unless
+    ``retrain=False``), tampered-free but from other library versions, or when ``force``."""
+    out: dict[str, Trained] = {}
+    for metric in metrics:
+        with archive.read() as session:
+            base = reads.get_base_model(session, model)
+            pid = protocol_for(session, base, metric, (protocols or {}).get(metric))
+            row = latest_row(session, base, metric, pid)
+            predictor: Predictor | None = None
+            stale = False
+            if row is not None and not force:
+                stale = is_stale(session, row)
+                try:
+                    predictor = loads(row)
+                except StalePredictor:
+                    predictor = None
+                if predictor is not None and not (stale and retrain):
+                    out[metric] = Trained(predictor, row.version, row.id, pid, stale, False)
+                    continue
+        with archive.write() as session:
+            base = reads.get_base_model(session, model)
+            new_row, predictor = train_version(session, base, metric, pid, seed=seed)
+            out[metric] = Trained(predictor, new_row.version, new_row.id, pid, False, True)
+    return out
+
+
+def predictor_rows(session: Session, model: str | None = None) -> list[dict[str, Any]]:
+    q = select(m.PredictorVersion, m.BaseModel.name).join(m.BaseModel, m.BaseModel.id == m.PredictorVersion.base_model_id)
+    if model:
+        q = q.where(m.PredictorVersion.base_model_id == reads.get_base_model(session, model).id)
+    out = []
+    for row, name in session.execute(q.order_by(m.BaseModel.name, m.PredictorVersion.metric,
+                                                m.PredictorVersion.version)):
+        out.append(row_summary(session, row, name))
+    return out
+
+
+def row_summary(session: Session, row: m.PredictorVersion, model_name: str) -> dict[str, Any]:
+    cv = row.cv or {}
+    return {"id": row.id, "model": model_name, "metric": row.metric, "protocol": row.protocol_id,
+            "version": row.version, "algorithm": row.algorithm, "n_train": row.n_train,
+            "r2": cv.get("r2"), "mae": cv.get("mae"), "kendall_tau": cv.get("kendall_tau"),
+            "spearman": cv.get("spearman"), "stale": is_stale(session, row),
+            "created_at": row.created_at.isoformat(timespec="seconds"), "artifact_sha256": row.artifact_sha256,
+            "library_versions": row.library_versions, "hyperparams": row.hyperparams, "cv": cv}
+
+
+def predictor_by_id(session: Session, predictor_id: int) -> dict[str, Any]:
+    row = session.get(m.PredictorVersion, predictor_id)
+    if row is None:
+        raise reads.NotFound(f"no predictor with id {predictor_id}")
+    base = session.get(m.BaseModel, row.base_model_id)
+    assert base is not None
+    info = row_summary(session, row, base.name)
+    info["features"] = row.features
+    info["trained_on"] = {"evaluations": row.n_train, "last_evaluation_id": row.last_evaluation_id,
+                          "sha256": (row.trained_on or {}).get("sha256")}
+    return info
