@@ -690,6 +690,19 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
         state.err.print(f"cannot verify: the weights of {doc['model']} are not reachable "
                         f"({location or 'no location recorded'}); pass --weights PATH")
         return []
+    # Measure under the predictors' own protocols, so the next query learns from the results.
+    from .archdb.reads import protocol_dict
+    with state.archive.read() as session:
+        protocols = {mname: protocol_dict(session, pid) for mname, pid in doc.get("predictor_protocols", {}).items()}
+    for mname, p in protocols.items():
+        if mname.startswith("ppl"):
+            seq_len = p.get("seq_len") or seq_len
+            max_tokens = p.get("tokens") or max_tokens
+            if mname == "ppl_ptb" and p.get("split") in ("validation", "test"):
+                ptb_split = p["split"]
+        elif mname == "mmlu":
+            max_questions = p.get("questions") or max_questions
+            shots = p["shots"] if p.get("shots") is not None else shots
     wanted = tuple(dict.fromkeys([*doc["objectives"], *[x for x in metrics.split(",") if x.strip()]]))
     settings = _settings(",".join(wanted), data_dir, seq_len, max_tokens, max_questions, shots, ptb_split,
                          importance, device, dtype, seed)

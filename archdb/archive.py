@@ -90,7 +90,7 @@ class Archive:
         self.url = resolve_url(url)
         try:
             parsed = make_url(self.url)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a port that is not a number
             raise ArchiveError(f"cannot read database URL {self.url[:80]!r}") from None
         self.dialect = parsed.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):

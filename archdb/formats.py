@@ -138,7 +138,9 @@ def _csv_record(row: dict[str, str], path: str) -> dict[str, Any]:
     if text("metric") is not None or text("value") is not None:
         protocol: dict[str, Any] = {}
         for key in _PROTOCOL_STR:
-            if row.get(key) not in (None, ""):
+            # a column in the header states the value, even an empty one (``tool`` defaults to
+            # "archopt" only where the column is absent: an exported tool "" must come back as "")
+            if row.get(key) is not None and (row[key] != "" or key == "tool"):
                 protocol[key] = row[key]
         for key in _PROTOCOL_INT:
             if text(key) is not None:

@@ -37,9 +37,11 @@ def read_records(path: Path, fmt: str | None = None) -> tuple[str, list[tuple[in
 
 def ingest_file(archive: Archive, path: Path, *, fmt: str | None = None, allow_limit: bool = False) -> WriteReport:
     """Ingest one file (JSONL, CSV or lm-eval results JSON) as one transaction."""
+    path = Path(path)
     name = str(path)
     try:
-        raw_head = path.open("rb").read(65536)
+        with path.open("rb") as handle:
+            raw_head = handle.read(65536)
     except OSError as exc:
         raise FormatError(name, None, f"cannot read: {exc.strerror or exc}") from None
     fmt = fmt or detect_format(path, raw_head)
@@ -77,11 +79,16 @@ def _ingest_lmeval(archive: Archive, path: Path, allow_limit: bool) -> WriteRepo
 def _lmeval_record(session, ref: str, values: tuple[ValueRecord, ...], name: str) -> ArchRecord:  # noqa: ANN001
     pruned = archopt_json(ref)
     if pruned is not None:
-        base = pruned.get("base_model") if isinstance(pruned.get("base_model"), dict) else {}
+        # evaluators/saving.py writes "base" (name, location, config_hash, spec) and an importance
+        # object ({"criterion": ...}); "base_model" and a plain criterion string are read too.
+        base = next((pruned[k] for k in ("base", "base_model") if isinstance(pruned.get(k), dict)), {})
         base_name = base.get("name")
         layers = pruned.get("architecture")
+        importance = pruned.get("importance")
+        if isinstance(importance, dict):
+            importance = importance.get("criterion")
         if not isinstance(base_name, str) or not isinstance(layers, list):
-            raise FormatError(name, None, f"field 'model_args': {ref}/archopt.json lacks base_model.name or architecture")
+            raise FormatError(name, None, f"field 'model_args': {ref}/archopt.json lacks base.name or architecture")
         row = find_base_model(session, base_name)
         if row is None and isinstance(base.get("config_hash"), str):
             from sqlalchemy import select
@@ -90,7 +97,7 @@ def _lmeval_record(session, ref: str, values: tuple[ValueRecord, ...], name: str
         if row is None:
             raise FormatError(name, None, f"field 'model_args': base model {base_name!r} of {ref} is not in the archive")
         return ArchRecord(model=row.name, base=None, architecture=layers, origin="ingest",
-                          importance=pruned.get("importance") if pruned.get("importance") in ("taylor", "l2") else None,
+                          importance=importance if importance in ("taylor", "l2") else None,
                           values=values)
     row = find_base_model(session, ref)
     if row is not None:

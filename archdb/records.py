@@ -26,6 +26,7 @@ class RecordError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"field {field_name!r}: {message}")
         self.field = field_name
+        self.detail = message
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,18 @@ def parse_value(data: Any, where: str, source: str | None) -> ValueRecord:
     if duration is not None and (not isinstance(duration, (int, float)) or isinstance(duration, bool)
                                  or not math.isfinite(duration) or duration < 0):
         raise RecordError(f"{where}.duration_s", "must be a non-negative finite number")
-    return ValueRecord(
-        metric=metric, value=value, protocol=protocol,
-        source=_opt_str(data, "source") or source,
-        device=_opt_str(data, "device", 200),
-        duration_s=float(duration) if duration is not None else None,
-        created_at=_opt_time(data, "created_at"),
-        retracted_at=_opt_time(data, "retracted_at"),
-        retract_reason=_opt_str(data, "retract_reason"),
-    )
+    try:
+        return ValueRecord(
+            metric=metric, value=value, protocol=protocol,
+            source=_opt_str(data, "source") or source,
+            device=_opt_str(data, "device", 200),
+            duration_s=float(duration) if duration is not None else None,
+            created_at=_opt_time(data, "created_at"),
+            retracted_at=_opt_time(data, "retracted_at"),
+            retract_reason=_opt_str(data, "retract_reason"),
+        )
+    except RecordError as exc:  # name the field with its place: evaluations[2].created_at
+        raise RecordError(f"{where}.{exc.field}", exc.detail) from None
 
 
 _RECORD_FIELDS = {"model", "base_model", "architecture", "origin", "importance", "calibration",

@@ -253,7 +253,10 @@ def ingest_records(session: Session, records: Sequence[ArchRecord]) -> WriteRepo
                 raise StoreError(f"base model {rec.model!r} is registered with another shape", i, "base_model")
             continue
         if rec.base is not None:
-            row, added = register_base_model(session, rec.base)
+            try:
+                row, added = register_base_model(session, rec.base)
+            except StoreError as exc:  # give it the record's position, so the error names the line
+                raise StoreError(str(exc), i, exc.field) from None
             if spec_of(row) != rec.base.spec:
                 raise StoreError(f"base model {rec.model!r} is registered with another shape", i, "base_model")
             report.models_added += int(added)

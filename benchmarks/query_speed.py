@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from archopt.archdb.arch import BaseSpec, uniform_at_size
-from archopt.optimizer import Featurizer, build_space, encode, search, train_predictor
+from archopt.optimizer import Featurizer, encode, search, train_predictor
 from archopt.optimizer.synthetic import SyntheticTruth, random_archive
 
 LLAMA2_7B = BaseSpec("llama", 32, 4096, 32, 32, 128, 11008, 32000)

@@ -58,6 +58,9 @@ class PerplexityTask:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+        # next-token targets per position; the last position of a window predicts nothing
+        self.targets = torch.full_like(self.windows, -100)
+        self.targets[:, :-1] = self.windows[:, 1:]
         self.protocol = Protocol(dataset=dataset, split=split, joining=data.JOINING, tokenizer=tokenizer_name,
                                  tokenizer_hash=tokenizer_hash, seq_len=seq_len, tokens=n_windows * seq_len,
                                  tool="archopt", tool_version=archopt.__version__)
@@ -103,10 +106,12 @@ class PerplexityTask:
         with torch.inference_mode(), autocast_for(device):
             for start in range(0, self.windows.shape[0], batch):
                 ids = self.windows[start: start + batch].to(device, non_blocking=True)
+                targets = self.targets[start: start + batch].to(device, non_blocking=True)
                 logits = model(input_ids=ids, use_cache=False).logits
-                nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                      ids[:, 1:].reshape(-1), reduction="sum")
-                total += float(nll)
+                flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the logits
+                if flat.dtype != torch.float32:
+                    flat = flat.float()
+                total += float(F.cross_entropy(flat, targets.reshape(-1), reduction="sum", ignore_index=-100))
         return total, self.predicted_tokens
 
     def evaluate(self, model: torch.nn.Module) -> Measurement:

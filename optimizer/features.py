@@ -58,7 +58,7 @@ def as_batch(data: LayerBatch | Sequence[Architecture], spec: BaseSpec | None = 
     return data if isinstance(data, LayerBatch) else encode(data, spec)
 
 
-@dataclass
+@dataclass(eq=False)
 class ImportanceTable:
     """Per-layer importance scores of KV groups and MLP channels of one base model.
 
@@ -70,8 +70,8 @@ class ImportanceTable:
 
     attn: Sequence[Sequence[float]]
     mlp: Sequence[Sequence[float]]
-    _attn_cum: np.ndarray = field(init=False, repr=False)
-    _mlp_cum: np.ndarray = field(init=False, repr=False)
+    _attn_cum: np.ndarray = field(init=False, repr=False, compare=False)
+    _mlp_cum: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._attn_cum = self._cumulative(self.attn)
@@ -95,7 +95,7 @@ class ImportanceTable:
         return 1.0 - self._attn_cum[rows, batch.kv], 1.0 - self._mlp_cum[rows, batch.inter]
 
 
-@dataclass
+@dataclass(eq=False)
 class Featurizer:
     """Turns a ``LayerBatch`` (or architectures) into a feature matrix. Picklable; stored with a predictor."""
 

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import sklearn
-from sklearn.base import clone
 from sklearn.ensemble import (ExtraTreesRegressor, GradientBoostingRegressor,
                               HistGradientBoostingRegressor, RandomForestRegressor)
 from sklearn.model_selection import KFold

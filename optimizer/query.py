@@ -92,7 +92,7 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
         warm = _warm_start(session, base, target, tolerance)
     result = search(spec, {k: v.predictor for k, v in trained.items()}, target_params=target,
                     tolerance=tolerance, objectives=objectives, seed=request.seed, warm_start=warm,
-                    n_candidates=request.candidates, n_top=request.top)
+                    n_candidates=request.candidates, n_top=request.top, size_objective=True)
     candidates = result.front[:request.top]
     results = []
     with archive.read() as session:

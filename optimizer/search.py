@@ -403,8 +403,11 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
            refine: bool | None = None, optuna_trials: int = 24, optuna_batch: int = 12,
            batch_size: int = 2000, generation_size: int = 500, max_results: int = 50, n_top: int = 10,
            storage: Any = None, study_name: str | None = None, extrapolate: bool = False,
-           trust_margin: float = 0.05) -> SearchResult:
+           trust_margin: float = 0.05, size_objective: bool = False) -> SearchResult:
     """Best architectures of ``spec`` within ``[target * (1 - tolerance), target]`` parameters.
+
+    ``size_objective``: the returned front is non-dominated in (parameters, objectives), so a
+    smaller architecture with slightly worse predictions is a trade-off, not a loser.
 
     ``predictors`` maps metric names to trained predictors (each with a ``featurizer``); every name
     in ``objectives`` must be there (``ppl*``/``kl*`` minimised, others maximised); the others are
@@ -532,7 +535,10 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     feas = pool.feasible()
     Fmin = to_minimization(F_all[feas], directions)
     M = len(directions)
-    front_all = feas[_mask_min(Fmin)] if len(feas) else np.zeros(0, np.int64)
+    if size_objective and len(feas):   # trade-offs of size too: smaller with worse metrics stays
+        front_all = feas[_mask_min(np.c_[p_all[feas].astype(float), Fmin])]
+    else:
+        front_all = feas[_mask_min(Fmin)] if len(feas) else np.zeros(0, np.int64)
     if len(front_all) > 512:   # many ties or a dense front: keep a spread subset before predicting std
         cd = crowding_distance(to_minimization(F_all[front_all], directions), ["minimize"] * M)
         front_all = front_all[np.sort(np.argsort(-cd, kind="stable")[:512])]

@@ -462,7 +462,7 @@ def refine_space(space: SearchSpace, predictors: Mapping[str, Any] | Sequence[An
             lo_ = max(int(space.mlp_lo[p]), int(q_mlp[0, p] - pad) // m * m)
             hi_ = min(int(space.mlp_hi[p]), -(-int(q_mlp[1, p] + pad) // m) * m)
             mlp_lo[p], mlp_hi[p] = lo_, max(lo_, hi_)
-            status = "narrowed" if (lo_, hi_) != tuple(before) else "free"
+            status = "narrowed" if (lo_, hi_) != tuple(before) else "unchanged"
         else:
             status = "unchanged"
         after = [int(kv_lo[p]), int(kv_hi[p])] if kind == "attn" else [int(mlp_lo[p]), int(mlp_hi[p])]

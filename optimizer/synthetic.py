@@ -15,6 +15,7 @@ A dropped layer counts as ``r_a = r_m = 1`` plus a penalty.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from archopt.archdb.arch import BaseSpec
 
 from .encoding import LayerBatch
 
-__all__ = ["SyntheticTruth", "random_archive"]
+__all__ = ["SyntheticTruth", "random_archive", "OraclePredictor", "greedy_optimum"]
 
 
 def _bump(z: np.ndarray, centers: Sequence[float], width: float) -> np.ndarray:
@@ -99,3 +100,72 @@ def random_archive(spec: BaseSpec, n: int, seed: int = 0, *, layers: Sequence[in
     inter[:, idx] = np.clip(np.where(m == 0, spec.intermediate_size, ch), min(mult, spec.intermediate_size),
                             spec.intermediate_size)
     return LayerBatch(spec, kv, inter)
+
+
+class _OracleFeaturizer:
+    """Features = the per-layer fractions themselves (attention, MLP, dropped)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+
+    @property
+    def names(self) -> list[str]:
+        L = self.num_layers
+        return [f"attn_l{i}" for i in range(L)] + [f"mlp_l{i}" for i in range(L)] + [f"drop_l{i}" for i in range(L)]
+
+    def transform(self, batch: LayerBatch, importance=None) -> np.ndarray:
+        return np.concatenate([batch.attn_frac, batch.mlp_frac, batch.dropped.astype(float)], axis=1)
+
+
+class OraclePredictor:
+    """Predictor-shaped access to the truth itself (``ppl*`` -> ppl, anything else -> mmlu), for
+    testing a search apart from learning. Reports no feature importances."""
+
+    def __init__(self, truth: SyntheticTruth, metric: str, spec: BaseSpec) -> None:
+        from .predictors import metric_direction
+        self.truth, self.metric, self.spec = truth, metric, spec
+        self.featurizer = _OracleFeaturizer(spec.num_layers)
+        self.direction = metric_direction(metric)
+
+    def predict_mean(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        L = self.spec.num_layers
+        view = SimpleNamespace(spec=self.spec, attn_frac=X[:, :L], mlp_frac=X[:, L:2 * L], dropped=X[:, 2 * L:] > 0.5)
+        return self.truth.ppl(view) if self.metric.startswith("ppl") else self.truth.mmlu(view)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = self.predict_mean(X)
+        return m, np.zeros(len(m))
+
+
+def greedy_optimum(truth: SyntheticTruth, spec: BaseSpec, hi: int, *, mlp_min: int, kv_min: int = 1,
+                   layers: Sequence[int] | None = None, chunk: int = 8) -> tuple[LayerBatch, float]:
+    """The best architecture under ``hi`` parameters for the true log PPL, by marginal analysis:
+    from the full model, remove one KV group or one ``chunk`` of MLP channels at a time, always the
+    unit with the smallest increase of log PPL per parameter removed. The truth is separable and
+    convex per layer, so this is optimal up to about one unit. Returns ``(batch of 1, log PPL)``."""
+    from .encoding import layer_param_coefficients
+    L = spec.num_layers
+    idx = list(range(L)) if layers is None else list(layers)
+    per_kv, per_ch, _ = layer_param_coefficients(spec)
+    b = LayerBatch(spec, np.full((1, L), spec.num_kv_heads), np.full((1, L), spec.intermediate_size))
+    cur = float(truth.log_ppl(b)[0])
+    while b.params[0] > hi:
+        moves_kv, moves_in, saved = [], [], []
+        for l in idx:
+            if b.kv[0, l] > kv_min:
+                k2 = b.kv.copy()
+                k2[0, l] -= 1
+                moves_kv.append(k2[0]); moves_in.append(b.inter[0]); saved.append(per_kv)
+            step = min(chunk, int(b.inter[0, l]) - mlp_min)
+            if step > 0:
+                i2 = b.inter.copy()
+                i2[0, l] -= step
+                moves_kv.append(b.kv[0]); moves_in.append(i2[0]); saved.append(per_ch * step)
+        if not saved:
+            raise ValueError("the target cannot be reached")
+        cand = LayerBatch(spec, np.array(moves_kv), np.array(moves_in))
+        vals = truth.log_ppl(cand)
+        j = int(np.argmin((vals - cur) / np.array(saved, dtype=float)))
+        b, cur = cand.take([j]), float(vals[j])
+    return b, cur
