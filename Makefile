@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# the page's browser test drives Debian's Chromium (never a downloaded browser)
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+		{ apt-get update && apt-get install -y chromium chromium-driver; }
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -29,7 +32,16 @@ demo: $(STAMP)
 	rm -rf demo && mkdir -p demo
 	$(BIN)/archopt --db $(DEMO_DB) ingest examples/ptb-llama-8l.jsonl
 	$(BIN)/archopt --db $(DEMO_DB) models
-	$(BIN)/archopt --db $(DEMO_DB) archs --model ptb-llama-8l --sort ppl_wikitext2 --limit 10
+	$(BIN)/archopt --db $(DEMO_DB) archs --model ptb-llama-8l --sort ppl_wikitext2 --limit 5
+	$(BIN)/archopt --db $(DEMO_DB) predictors train --model ptb-llama-8l
+	@if [ -f $(MODEL)/config.json ] && [ -d $(DATA) ]; then \
+	  echo "== query at 80%, then verify the best architecture for real on $(MODEL) =="; \
+	  ARCHOPT_CACHE=demo/cache $(BIN)/archopt --db $(DEMO_DB) query --model ptb-llama-8l --params 80% \
+	    --objectives ppl_wikitext2,ppl_ptb --top 8 --verify 1 --weights $(MODEL) --data-dir $(DATA) --device cpu; \
+	else \
+	  echo "($(MODEL) not found: query without the real verification)"; \
+	  $(BIN)/archopt --db $(DEMO_DB) query --model ptb-llama-8l --params 80% --objectives ppl_wikitext2,ppl_ptb --top 8; \
+	fi
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

@@ -84,6 +84,20 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def server_options(func: Any) -> Any:
+    """``--server URL`` and ``--token``: make the same call to an archopt service instead of the archive."""
+    func = click.option("--token", envvar="ARCHOPT_TOKEN", default=None, metavar="TOKEN",
+                        help="Bearer token for writes to --server (default: $ARCHOPT_TOKEN).")(func)
+    return click.option("--server", envvar="ARCHOPT_SERVER", default=None, metavar="URL",
+                        help="Ask an archopt service (archopt serve) at URL instead of --db "
+                             "(default: $ARCHOPT_SERVER).")(func)
+
+
+def _client(server: str, token: str | None) -> Any:
+    from .service.client import Client
+    return Client(server, token)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", envvar="ARCHOPT_DB", default=None, metavar="URL",
               help="Archive database URL (default: $ARCHOPT_DB, else sqlite:///archopt.db).")
@@ -178,22 +192,34 @@ def db_downgrade(state: State, revision: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "lmeval"]), default=None,
               help="File format (default: from the extension and contents).")
 @click.option("--allow-limit", is_flag=True, help="Accept lm-eval results evaluated with --limit.")
+@server_options
 @pass_state
-def ingest(state: State, files: tuple[Path, ...], fmt: str | None, allow_limit: bool) -> None:
+def ingest(state: State, files: tuple[Path, ...], fmt: str | None, allow_limit: bool, server: str | None,
+           token: str | None) -> None:
     """Add evaluations from JSONL, CSV or lm-evaluation-harness results files.
 
-    Each file is one transaction: all of it or nothing. Re-ingesting adds nothing.
+    Each file is one transaction: all of it or nothing. Re-ingesting adds nothing. With --server the
+    file is sent to the service (an lm-eval file's model path is then looked up on the server).
 
     \b
     Example:
       archopt ingest examples/ptb-llama-8l.jsonl results.csv lm_eval_results.json
+      archopt ingest --server http://archopt.lab:8000 --token "$TOKEN" results.csv
     """
     from .archdb.ingest import ingest_file
+    from .service.documents import ingest_document, ingest_line
+    client = _client(server, token) if server else None
     for path in files:
-        report = ingest_file(state.archive, path, fmt=fmt, allow_limit=allow_limit)
-        state.out.print(
-            f"{path}: {report.evaluations_added} evaluations added, {report.evaluations_existing} already there; "
-            f"{report.archs_added} new architectures, {report.models_added} new base models")
+        if client is not None:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FormatError(str(path), None, f"cannot read: {exc.strerror or exc}") from None
+            doc = client.post_bytes("/v1/evaluations", data, "application/octet-stream", format=fmt,
+                                    allow_limit=allow_limit or None, filename=str(path))
+        else:
+            doc = ingest_document(str(path), ingest_file(state.archive, path, fmt=fmt, allow_limit=allow_limit))
+        state.out.print(ingest_line(doc))
 
 
 @cli.command()
@@ -225,23 +251,24 @@ def export(state: State, model: str | None, fmt: str, output: Path | None) -> No
 # --- listings -------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@server_options
 @pass_state
-def models(state: State, as_json: bool) -> None:
+def models(state: State, as_json: bool, server: str | None, token: str | None) -> None:
     """List base models with their architecture and evaluation counts.
 
     \b
     Example:
       archopt models --json
+      archopt models --server http://127.0.0.1:8000
     """
-    from .archdb.reads import model_rows
-    with state.archive.read() as session:
-        rows = model_rows(session)
-    for row in rows:
-        row["size"] = format_size(row["params"])
-        row["shape"] = f"{row['layers']}L {row['heads']}/{row['kv_heads']}h {row['hidden']}d"
-    emit(state, rows, [("name", "model"), ("family", "family"), ("shape", "layers/heads"), ("size", "params"),
-                       ("tied", "tied emb"), ("archs", "archs"), ("evaluations", "evaluations")], as_json,
-         {"schema": "archopt.models/1", "models": rows})
+    if server:
+        doc = _client(server, token).get("/v1/models")
+    else:
+        from .service.documents import models_document
+        doc = models_document(state.archive)
+    emit(state, doc["models"], [("name", "model"), ("family", "family"), ("shape", "layers/heads"),
+                                ("size", "params"), ("tied", "tied emb"), ("archs", "archs"),
+                                ("evaluations", "evaluations")], as_json, doc)
 
 
 def _metric_cells(view: dict[str, Any]) -> dict[str, Any]:
@@ -255,32 +282,29 @@ def _metric_cells(view: dict[str, Any]) -> dict[str, Any]:
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
 @click.option("--json", "as_json", is_flag=True, help="Print the archopt.archs/1 JSON document.")
+@server_options
 @pass_state
 def archs(state: State, model: str, sort: str | None, protocol: int | None, limit: int | None, offset: int,
-          as_json: bool) -> None:
+          as_json: bool, server: str | None, token: str | None) -> None:
     """List the architectures of a base model with their measured metrics.
 
     \b
     Example:
       archopt archs --model ptb-llama-8l --sort ppl_wikitext2 --limit 10
     """
-    from .archdb.reads import arch_rows, get_base_model, metrics_of
-    with state.archive.read() as session:
-        base = get_base_model(session, model)
-        known = metrics_of(session, base)
-        if sort and sort not in known:
-            import difflib
-            close = difflib.get_close_matches(sort, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"model {base.name!r} has no metric {sort!r}{hint}")
-        views = arch_rows(session, base, sort, protocol, limit, offset)
-        name = base.name
+    if server:
+        doc = _client(server, token).get(f"/v1/models/{model}/archs", sort=sort, protocol=protocol, limit=limit,
+                                         offset=offset or None)
+    else:
+        from .service.documents import archs_document
+        doc = archs_document(state.archive, model, sort, protocol, limit, offset)
+    known, views, name = doc["metrics"], doc["archs"], doc["model"]
     shown = [m for m in ("ppl_wikitext2", "ppl_ptb", "mmlu") if m in known] or known[:3]
     rows = [{"id": v["arch_id"][:12], "params": format_size(v["params"]), "pct": f"{100 * v['fraction']:.1f}%",
              "origin": v["origin"], "sketch": v["sketch"], **_metric_cells(v)} for v in views]
     emit(state, rows, [("id", "arch"), ("params", "params"), ("pct", "% base"), ("origin", "origin"),
                        *[(mname, mname) for mname in shown], ("sketch", "per-layer kept (A attn, M mlp)")],
-         as_json, {"schema": "archopt.archs/1", "model": name, "archs": views}, title=f"{name}: {len(views)} architectures")
+         as_json, doc, title=f"{name}: {len(views)} architectures")
 
 
 @cli.command()
@@ -295,18 +319,10 @@ def show(state: State, arch_id: str, model: str | None, as_json: bool) -> None:
     Example:
       archopt show 3f2a9c1b
     """
-    from .archdb.reads import arch_view, get_base_model, live_metrics, protocol_dict, resolve_arch
-    with state.archive.read() as session:
-        base = get_base_model(session, model) if model else None
-        row = resolve_arch(session, arch_id, base)
-        base = row.base_model
-        values = live_metrics(session, [row.id]).get(row.id, {})
-        view = arch_view(row, base, values)
-        view["model"] = base.name
-        view["all_values"] = [{"metric": k, "value": v.value, "evaluation": v.evaluation_id,
-                               "protocol": protocol_dict(session, v.protocol_id)}
-                              for k, vals in sorted(values.items()) for v in vals]
-        spec_heads, spec_kv, spec_inter = base.num_heads, base.num_kv_heads, base.intermediate_size
+    from .service.documents import arch_document
+    view = arch_document(state.archive, arch_id, model)
+    spec = view["base"]
+    spec_heads, spec_kv, spec_inter = spec["num_heads"], spec["num_kv_heads"], spec["intermediate_size"]
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
@@ -422,6 +438,8 @@ def eval_options(func: Any) -> Any:
 def _settings(metrics: str, data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None,
               shots: int, ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int):
     from .optimizer.campaign import EvalSettings
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -536,11 +554,17 @@ def _parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
 @pass_state
 def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importance: str | None,
           data_dir: Path | None, device: str, dtype: str | None, weights: str | None) -> None:
-    """Write a pruned model: safetensors, config with per-layer shapes, archopt.json, tokenizer.
+    """Write a pruned model: safetensors, config with per-layer shapes, modeling code, archopt.json, tokenizer.
+
+    The directory loads without archopt: AutoModelForCausalLM.from_pretrained(OUT,
+    trust_remote_code=True) runs the modeling_archopt.py written beside the weights (the base
+    family's transformers classes, narrowed per layer). lm-eval takes it as
+    --model_args pretrained=OUT,trust_remote_code=True, and `archopt ingest` of its results file
+    lands on this architecture.
 
     \b
     Example:
-      archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct
+      archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct --dtype bfloat16
     """
     from .archdb.reads import arch_importance, get_base_model
     from .optimizer.campaign import cache_dir
@@ -569,7 +593,8 @@ def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importanc
     model = ev.prune_model(base, arch, imp)
     ev.save_pruned(model, base, arch, imp, out_dir, dtype=dtype, base_name=name)
     state.out.print(f"wrote {out_dir}: {arch.params:,} params ({100 * arch.fraction():.1f}% of {name}), "
-                    f"architecture {arch.arch_id(name)[:12]}")
+                    f"architecture {arch.arch_id(name)[:12]}; load it with "
+                    f"AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
 
 
 # --- query / predictors ---------------------------------------------------------------------------
@@ -641,26 +666,37 @@ def print_query(state: State, doc: dict[str, Any]) -> None:
 @click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location).")
 @click.option("--json", "as_json", is_flag=True, help="Print the archopt.query/1 JSON document.")
 @eval_options
+@server_options
 @pass_state
 def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
           explain: bool, no_retrain: bool, verify: int, weights: str | None, as_json: bool, metrics: str,
           data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
-          ptb_split: str, importance: str, device: str | None, dtype: str | None) -> None:
+          ptb_split: str, importance: str, device: str | None, dtype: str | None, server: str | None,
+          token: str | None) -> None:
     """Pareto-optimal pruned architectures of MODEL for a size target.
 
     Trains stale predictors first, searches over them, stores the answer; --verify K measures the
-    top K for real and ingests them (the next query learns from them).
+    top K for real and ingests them (the next query learns from them). With --server the service
+    answers with its current predictors (it retrains stale ones in the background).
 
     \b
     Example:
       archopt query --model ptb-llama-8l --params 80% --top 5
       archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --server http://127.0.0.1:8000
     """
-    from .optimizer.query import QueryRequest, run_query
-    request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
-                           objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()), top=top,
-                           seed=seed, explain=explain, retrain=not no_retrain)
-    doc = run_query(state.archive, request)
+    objective_names = tuple(x.strip() for x in objectives.split(",") if x.strip())
+    if server:
+        if verify:
+            raise UserError("--verify measures on this machine: run it without --server")
+        body = {"model": model, "params": params_text, "tolerance": tolerance, "objectives": list(objective_names),
+                "top": top, "seed": seed, "explain": explain}
+        doc = _client(server, token).query(body, on_wait=lambda message: state.err.print(message))
+    else:
+        from .optimizer.query import QueryRequest, run_query
+        request = QueryRequest(model=model, params=params_text, tolerance=tolerance, objectives=objective_names,
+                               top=top, seed=seed, explain=explain, retrain=not no_retrain)
+        doc = run_query(state.archive, request)
     if as_json and not verify:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -668,15 +704,17 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
         print_query(state, doc)
     if verify:
         doc["verified"] = verify_results(state, doc, verify, weights, metrics, data_dir, seq_len, max_tokens,
-                                         max_questions, shots, ptb_split, importance, device, dtype, seed)
+                                         max_questions, shots, ptb_split, importance, device, dtype, seed,
+                                         show=not as_json)
         if as_json:
             click.echo(json.dumps(doc, indent=2))
 
 
 def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
                    data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
-                   ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int) -> list[Any]:
-    """Measure the top ``k`` of a query for real; prints predicted against measured."""
+                   ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int,
+                   show: bool = True) -> list[Any]:
+    """Measure the top ``k`` of a query for real; prints predicted against measured (``show``)."""
     from .archdb.arch import from_layer_dicts
     from .archdb.reads import get_base_model
     from .optimizer.campaign import Campaign, CampaignError
@@ -732,7 +770,8 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
             out.append({"arch_id": r["arch_id"], "predicted": r["predicted"], "measured": measured})
             table.add_row(str(r["rank"]), r["arch_id"][:10], *[f"{r['predicted'][o]:.4g}" for o in doc["objectives"]],
                           *[_cell(measured[o]) for o in doc["objectives"]])
-    state.out.print(table)
+    if show:
+        state.out.print(table)
     return out
 
 
@@ -814,6 +853,74 @@ def predictors_show(state: State, predictor_id: int, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     state.out.print_json(json.dumps(info))
+
+
+# --- serve ----------------------------------------------------------------------------------------
+def _byte_size(text: str) -> int:
+    """``64MB``, ``500KB``, ``1GB`` (binary units: MB = 2**20) or a number of bytes."""
+    import re
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(|B|K|KB|KIB|M|MB|MIB|G|GB|GIB)\s*", text.upper())
+    if not match:
+        raise UserError(f"--max-body takes a size such as 64MB, 500KB or a number of bytes, got {text!r}")
+    scale = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)[:1]]
+    value = int(float(match.group(1)) * scale)
+    if value < 1:
+        raise UserError("--max-body must be at least 1 byte")
+    return value
+
+
+@cli.command()
+@click.option("--db", "db_url", default=None, metavar="URL",
+              help="Archive database URL (default: archopt --db, $ARCHOPT_DB, else sqlite:///archopt.db).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (each opens the archive and keeps its own memory of answers).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File whose first line is the write token (default: $ARCHOPT_TOKEN; none: read-only).")
+@click.option("--max-body", default="64MB", show_default=True, help="Largest request body (413 above it).")
+@click.option("--retrain-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between two background retrains of one stale predictor.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@click.option("--no-access-log", is_flag=True, help="Do not log every request.")
+@pass_state
+def serve(state: State, db_url: str | None, host: str, port: int, workers: int, token_file: Path | None,
+          max_body: str, retrain_interval: float, log_level: str, no_access_log: bool) -> None:
+    """Serve the archive over HTTP: a JSON API under /v1, /openapi.json, and a page at /.
+
+    Queries use the current predictors and never train in the request: stale ones are retrained in
+    the background. Writes (POST /v1/evaluations, /v1/predictors/train) need the bearer token of
+    $ARCHOPT_TOKEN or --token-file; without one the service is read-only.
+
+    \b
+    Example:
+      archopt serve --db sqlite:///archopt.db --port 8000
+      ARCHOPT_TOKEN=$(cat ~/.archopt-token) archopt serve --db postgresql://archopt@db/archopt \\
+          --host 0.0.0.0 --workers 4
+    """
+    from .service.app import ServiceConfig, read_token
+    from .service.server import serve as run_server
+    config = ServiceConfig(db=db_url or state.db, token=read_token(str(token_file) if token_file else None),
+                           max_body=_byte_size(max_body), retrain_interval=retrain_interval)
+    Archive(config.db).close()  # a bad URL or an archive behind head fails here, as one line
+    mode = "read-write (bearer token)" if config.token else "read-only (no token: set ARCHOPT_TOKEN or --token-file)"
+    state.err.print(f"archopt {mode} on http://{host}:{port}, {workers} worker(s), archive "
+                    f"{_hide_password(config.db)}", markup=False)
+    if config.token and host not in ("127.0.0.1", "localhost", "::1"):
+        state.err.print("note: the token travels in clear text over http: put the service behind a TLS proxy",
+                        markup=False)
+    run_server(config, host=host, port=port, workers=workers, token_file=str(token_file) if token_file else None,
+               log_level=log_level, access_log=not no_access_log)
+
+
+def _hide_password(url: str | None) -> str:
+    from .archdb.archive import resolve_url
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(resolve_url(url)).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for the start-up line
+        return "(archive)"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,8 +13,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Mapping, Sequence
+from itertools import chain
+from typing import Any
 
 DEFAULT_CHANNEL_MULTIPLE = 8
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
@@ -50,6 +52,10 @@ class BaseSpec:
         if self.num_heads % self.num_kv_heads:
             raise ArchitectureError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the shape only, not the caches kept beside it (``Architecture.params``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def group_size(self) -> int:
@@ -157,15 +163,32 @@ class Architecture:
 
     @property
     def params(self) -> int:
-        return self.spec.embedding_params() + sum(self.spec.layer_params(l) for l in self.layers)
+        spec = self.spec
+        memo = spec.__dict__.get("_layer_params_memo")  # per base shape: layer -> spec.layer_params(layer)
+        if memo is None:
+            memo = {}
+            object.__setattr__(spec, "_layer_params_memo", memo)
+        total = spec.embedding_params()
+        for layer in self.layers:
+            n = memo.get(layer)
+            if n is None:
+                n = spec.layer_params(layer)
+                if len(memo) < 50_000:
+                    memo[layer] = n
+            total += n
+        return total
 
     def fraction(self) -> float:
         return self.params / self.spec.total_params
 
     def canonical_json(self) -> str:
         """The encoding hashed for identity: compact JSON of [q, kv, intermediate] or null (dropped)."""
-        rows = [None if l.dropped else [l.q_heads, l.kv_heads, l.intermediate] for l in self.layers]
-        return json.dumps(rows, separators=(",", ":"))
+        cached = self.__dict__.get("_canonical")  # computed once per (immutable) instance
+        if cached is None:
+            rows = [None if l.dropped else [l.q_heads, l.kv_heads, l.intermediate] for l in self.layers]
+            cached = json.dumps(rows, separators=(",", ":"))
+            object.__setattr__(self, "_canonical", cached)
+        return cached
 
     def layer_dicts(self) -> list[dict[str, Any]]:
         return [l.to_dict(i) for i, l in enumerate(self.layers)]
@@ -199,7 +222,14 @@ def validate_layers(spec: BaseSpec, layers: Sequence[LayerSpec]) -> None:
             f"architecture has {len(layers)} layers but the base model has {spec.num_layers}")
     if all(l.dropped for l in layers):
         raise ArchitectureError("architecture drops every layer")
+    top_kv, top_inter, group = spec.num_kv_heads, spec.intermediate_size, spec.group_size
     for i, l in enumerate(layers):
+        # fast path (ingesting 100,000 rows): plain ints within range, whole KV groups; anything
+        # else goes through the checks below, which also word the error
+        q, kv, inter = l.q_heads, l.kv_heads, l.intermediate
+        if (not l.dropped and type(q) is int and type(kv) is int and type(inter) is int
+                and 1 <= kv <= top_kv and 1 <= inter <= top_inter and q == kv * group):
+            continue
         if l.dropped:
             if (l.q_heads, l.kv_heads, l.intermediate) != (0, 0, 0):
                 raise ArchitectureError(f"layer {i}: a dropped layer keeps nothing")
@@ -300,10 +330,48 @@ def uniform_at_size(spec: BaseSpec, target_params: int, layers: Sequence[int] | 
     return hi, uniform(spec, hi, layers, multiple, attention)
 
 
+_LAYER_CACHE: dict[tuple[int, int, int], LayerSpec] = {}  # LayerSpecs are immutable: share them
+
+
+def _plain_rows(rows: Any) -> list[LayerSpec] | None:
+    """Fast path for a list of ``[q, kv, inter]`` lists of plain ints (no dropped layer), checked
+    with C-level iteration: the layers, or None when ``rows`` is anything else."""
+    if type(rows) is not list or not rows:
+        return None
+    try:
+        if not (set(map(type, rows)) <= {list, tuple} and set(map(len, rows)) == {3}
+                and set(map(type, chain.from_iterable(rows))) == {int}):
+            return None
+    except TypeError:
+        return None
+    keys = list(map(tuple, rows))
+    layers = list(map(_LAYER_CACHE.get, keys))
+    if not all(layers):  # a miss (not `None in layers`: that calls LayerSpec.__eq__ on each)
+        for i, layer in enumerate(layers):
+            if layer is None:
+                layer = layers[i] = LayerSpec(*keys[i], False)
+                if len(_LAYER_CACHE) < 50_000:
+                    _LAYER_CACHE[keys[i]] = layer
+    return layers
+
+
 def from_layer_dicts(spec: BaseSpec, rows: Iterable[Any]) -> Architecture:
     """Read the JSON encoding: a list of per-layer objects or ``[q, kv, inter]`` / ``null`` rows."""
+    plain = _plain_rows(rows)
+    if plain is not None:
+        return Architecture(spec, tuple(plain))
     layers: list[LayerSpec] = []
     for i, row in enumerate(rows):
+        if (type(row) is list or type(row) is tuple) and len(row) == 3:  # fast path: [q, kv, inter]
+            q, kv, inter = row
+            if type(q) is int and type(kv) is int and type(inter) is int:
+                layer = _LAYER_CACHE.get((q, kv, inter))
+                if layer is None:
+                    layer = LayerSpec(q, kv, inter, False)
+                    if len(_LAYER_CACHE) < 50_000:
+                        _LAYER_CACHE[(q, kv, inter)] = layer
+                layers.append(layer)
+                continue
         if row is None or row == "-" or (isinstance(row, Mapping) and row.get("dropped") is True):
             layers.append(DROPPED)
             continue

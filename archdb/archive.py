@@ -70,6 +70,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
     cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA cache_size=-65536")  # up to 64 MiB of pages: bulk ingests touch large indexes
     cur.close()
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
@@ -56,40 +57,69 @@ class NonFiniteNumber(ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:40]!r}")
+            seen.add(key)
     return out
 
 
-def loads_strict(text: str, allow_nonfinite: bool = False) -> Any:
-    """JSON without NaN/Infinity (``NonFiniteNumber`` names the field), duplicate keys or absurd nesting."""
-    depth = 0
-    for ch in text[:200_000]:
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+
+
+def _nesting(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for ch in _NOT_BRACKET_RE.sub("", _STRING_RE.sub("", text)):
         if ch in "[{":
             depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        elif ch in "]}":
+            deepest = max(deepest, depth)
+        else:
             depth -= 1
-    value = json.loads(text, object_pairs_hook=_no_duplicates)
-    _check_numbers(value, "", 0, allow_nonfinite)
+    return deepest
+
+
+def loads_strict(text: str, allow_nonfinite: bool = False) -> Any:
+    """JSON without NaN/Infinity (``NonFiniteNumber`` names the field), duplicate keys or absurd nesting.
+
+    Fast path: NaN, Infinity and overflowing numbers (``1e400``) are caught by ``json``'s hooks
+    while parsing; the document is walked only to name the field of one.
+    """
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nesting(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    nonfinite: list[float] = []
+
+    def parse_float(literal: str) -> float:
+        value = float(literal)
+        if value - value != 0.0:  # 1e400 overflows to infinity
+            nonfinite.append(value)
+        return value
+
+    def parse_constant(literal: str) -> float:  # NaN, Infinity, -Infinity
+        nonfinite.append(float(literal))
+        return float(literal)
+
+    value = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=parse_float,
+                       parse_constant=parse_constant)
+    if nonfinite and not allow_nonfinite:
+        _raise_nonfinite(value, "")
     return value
 
 
-def _check_numbers(value: Any, where: str, depth: int, allow_nonfinite: bool) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    if isinstance(value, float) and not math.isfinite(value) and not allow_nonfinite:
+def _raise_nonfinite(value: Any, where: str) -> None:
+    """Raise ``NonFiniteNumber`` for the first NaN or infinity in ``value``, named by its path."""
+    if isinstance(value, float) and not math.isfinite(value):
         raise NonFiniteNumber(where or "(value)", value)
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_numbers(v, f"{where}.{str(k)[:40]}" if where else str(k)[:40], depth + 1, allow_nonfinite)
+            _raise_nonfinite(v, f"{where}.{str(k)[:40]}" if where else str(k)[:40])
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_numbers(v, f"{where}[{i}]", depth + 1, allow_nonfinite)
+            _raise_nonfinite(v, f"{where}[{i}]")
 
 
 def read_jsonl(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
@@ -98,6 +128,8 @@ def read_jsonl(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise FormatError(path, number, "is not valid UTF-8") from None
+        if number == 1 and line.startswith("\ufeff"):  # a byte-order mark some editors write
+            line = line[1:]
         if not line.strip():
             continue
         try:
@@ -173,7 +205,7 @@ def _csv_record(row: dict[str, str], path: str) -> dict[str, Any]:
 
 def read_csv(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
     try:
-        text_stream = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        text_stream = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # Excel writes a BOM
         reader = csv.DictReader(text_stream, strict=True)
         header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as exc:

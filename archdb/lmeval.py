@@ -66,13 +66,20 @@ def read_lmeval(path: str, raw: bytes, allow_limit: bool = False) -> LmEvalFile:
     tool_version = data.get("lm_eval_version") or data.get("git_hash") or ""
     max_length = data.get("max_length", config.get("max_length"))
     values: list[tuple[str, float, Protocol]] = []
+    samples = data.get("n-samples") if isinstance(data.get("n-samples"), dict) else {}
     for task, metrics in sorted(data["results"].items()):
         if not isinstance(metrics, dict):
             raise FormatError(path, None, f"field 'results.{str(task)[:40]}': must be an object")
         shots = nshot.get(task)
+        used = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
+        # lm-eval 0.4 writes every metric as "metric,filter"; its other keys ("alias", "name",
+        # "sample_len") are not metrics. Files without such keys (0.3) name metrics plainly.
+        filtered = any("," in str(key) for key in metrics)
         for key, value in sorted(metrics.items()):
             name, _, filt = str(key).partition(",")
-            if name == "alias" or name.endswith("_stderr") or "_stderr" in name:
+            if filtered and not filt:
+                continue
+            if name in ("alias", "name", "sample_len") or name.endswith("_stderr") or "_stderr" in name:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue  # "N/A" and similar placeholders
@@ -83,7 +90,9 @@ def read_lmeval(path: str, raw: bytes, allow_limit: bool = False) -> LmEvalFile:
                 v = validate_value(metric, value)
                 protocol = Protocol(
                     dataset=str(task), split="", tokenizer="", seq_len=max_length if isinstance(max_length, int) else None,
-                    shots=shots if isinstance(shots, int) and shots >= 0 else None, tool="lm-eval",
+                    shots=shots if isinstance(shots, int) and shots >= 0 else None,
+                    questions=used if isinstance(used, int) and not isinstance(used, bool) and used >= 0 else None,
+                    tool="lm-eval",
                     tool_version=str(tool_version)[:200],
                     extra={"task_version": versions.get(task), "filter": filt or "none", "limit": limit})
             except ProtocolError as exc:

@@ -10,7 +10,8 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 METRICS = ("ppl_wikitext2", "ppl_ptb", "mmlu")
 LOWER_IS_BETTER_PREFIXES = ("ppl", "kl", "loss", "word_perplexity", "byte_perplexity", "bits_per_byte")

@@ -68,30 +68,50 @@ class Importance:
         """Total importance of each layer (attention plus MLP)."""
         return self.attention_totals() + self.mlp_totals()
 
+    def kept_curves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Importance kept when keeping the top ``k`` units, for every ``k``: attention [L, kv + 1], MLP [L, I + 1].
+
+        ``curve[l, k]`` is the sum of the ``k`` highest scores of layer ``l`` (what pruning keeps), so
+        removed shares of many architectures are array look-ups.
+        """
+        def curve(scores: np.ndarray) -> np.ndarray:
+            top = np.cumsum(-np.sort(-scores, axis=1), axis=1)
+            return np.concatenate([np.zeros((scores.shape[0], 1)), top], axis=1)
+
+        return curve(self.kv_group), curve(self.channel)
+
+    def removed_share_batch(self, kv_heads: np.ndarray, intermediate: np.ndarray, dropped: np.ndarray,
+                            part: str = "layer") -> np.ndarray:
+        """Vectorised ``removed_share`` for N architectures given as [N, L] arrays of kept KV heads,
+        kept channels and dropped flags; returns [N, L]."""
+        if part not in ("attention", "mlp", "layer"):
+            raise ValueError(f"part must be attention, mlp or layer, got {part!r}")
+        attn_curve, mlp_curve = self.kept_curves()
+        rows = np.arange(attn_curve.shape[0])[None, :]
+        kv = np.asarray(kv_heads, dtype=np.int64)
+        inter = np.asarray(intermediate, dtype=np.int64)
+        attn_kept, mlp_kept = attn_curve[rows, kv], mlp_curve[rows, inter]
+        attn_total, mlp_total = attn_curve[:, -1][None, :], mlp_curve[:, -1][None, :]
+        if part == "attention":
+            kept, total = attn_kept, attn_total
+        elif part == "mlp":
+            kept, total = mlp_kept, mlp_total
+        else:
+            kept, total = attn_kept + mlp_kept, attn_total + mlp_total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(total > 0, 1.0 - kept / total, 0.0)
+        return np.where(np.asarray(dropped, dtype=bool), 1.0, np.clip(share, 0.0, 1.0))
+
     def removed_share(self, arch: Architecture, part: str = "layer") -> np.ndarray:
         """Per layer, the share of its importance that ``arch`` removes (1.0 for a dropped layer).
 
         ``part``: ``attention``, ``mlp`` or ``layer`` (both together).
         """
-        if part not in ("attention", "mlp", "layer"):
-            raise ValueError(f"part must be attention, mlp or layer, got {part!r}")
         self.check_spec(arch.spec)
-        shares = np.zeros(len(arch.layers))
-        for i, layer in enumerate(arch.layers):
-            attn_total, mlp_total = float(self.kv_group[i].sum()), float(self.channel[i].sum())
-            if layer.dropped:
-                shares[i] = 1.0
-                continue
-            attn_kept = float(self.kv_group[i][self.kept_kv_groups(i, layer.kv_heads)].sum())
-            mlp_kept = float(self.channel[i][self.kept_channels(i, layer.intermediate)].sum())
-            if part == "attention":
-                kept, total = attn_kept, attn_total
-            elif part == "mlp":
-                kept, total = mlp_kept, mlp_total
-            else:
-                kept, total = attn_kept + mlp_kept, attn_total + mlp_total
-            shares[i] = 0.0 if total <= 0 else max(0.0, 1.0 - kept / total)
-        return shares
+        kv = np.array([[0 if l.dropped else l.kv_heads for l in arch.layers]])
+        inter = np.array([[0 if l.dropped else l.intermediate for l in arch.layers]])
+        dropped = np.array([[l.dropped for l in arch.layers]])
+        return self.removed_share_batch(kv, inter, dropped, part)[0]
 
     def check_spec(self, spec: BaseSpec) -> None:
         want = ((spec.num_layers, spec.num_kv_heads), (spec.num_layers, spec.intermediate_size))

@@ -89,6 +89,8 @@ def load_base_model(path_or_hub_id: str, *, device: str = "cpu", dtype: torch.dt
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if str(device) != "cpu":
+        kwargs["device_map"] = str(device)  # one device: weights load straight onto it (no accelerate needed)
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     model.to(device)
     model.eval()

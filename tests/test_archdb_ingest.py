@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from archopt.archdb import Archive, BaseSpec, FormatError, ingest_file, parse_architecture
 from archopt.archdb import models as m
 from archopt.archdb.formats import CSV_COLUMNS
-from archopt.archdb.reads import export_records, model_rows
+from archopt.archdb.reads import model_rows
 from archopt.archdb.store import spec_of
 
 from conftest import MMLU, PTB, TINY_BASE, WIKI, Examples  # noqa: E402  (shared test data)
@@ -94,6 +94,17 @@ def test_csv(archive, examples):
         mmlu = session.scalar(sa.select(m.Protocol).where(m.Protocol.dataset == "mmlu"))
         assert (mmlu.shots, mmlu.questions, mmlu.seq_len) == (5, 570, None)
     assert ingest_file(archive, path).evaluations_existing == 4
+
+
+def test_byte_order_marks_are_accepted(archive, examples):
+    """Excel saves CSV as UTF-8 with a BOM; some editors do the same to JSONL."""
+    jsonl = examples.jsonl("bom.jsonl", examples.standard(2))
+    jsonl.write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())
+    assert ingest_file(archive, jsonl).archs_added == 2
+    csv_path = examples.csv("bom.csv", [{"model": "tiny", "architecture": "full", "metric": "ppl_ptb",
+                                         "value": "3.5", "dataset": "ptb_text_only"}])
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert ingest_file(archive, csv_path).evaluations_added == 1
 
 
 def _lmeval_values(archive: Archive, model: str) -> dict[str, float]:
@@ -243,6 +254,8 @@ def test_export_then_ingest_gives_the_same_export(archive_url, fmt, examples, ru
     rich_archive(archive_url, examples, run_cli)
     first = export_text(archive_url, run_cli, fmt)
     first_jsonl = export_text(archive_url, run_cli, "jsonl")
+    if fmt == "csv":
+        assert first.splitlines()[0].split(",") == list(CSV_COLUMNS)
     assert "retracted_at" in first and "wrong split" in first
     path = tmp_path / f"export.{fmt}"
     path.write_text(first, encoding="utf-8")

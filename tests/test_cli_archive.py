@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_help_and_listings_import_no_torch(tmp_path, examples):
              ["--db", db, "models"], ["--db", db, "archs", "--model", "tiny", "--json"], ["--db", db, "export"],
              ["--db", db, "db", "current"]]
     done = subprocess.run([sys.executable, "-c", NO_HEAVY.format(argvs=argvs)], capture_output=True, text=True,
-                          timeout=120, env={**__import__("os").environ, "ARCHOPT_DB": ""})
+                          timeout=120, env={**os.environ, "ARCHOPT_DB": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("light")
 

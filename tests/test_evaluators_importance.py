@@ -131,5 +131,9 @@ def test_removed_share_and_totals(bases):
     np.testing.assert_allclose(imp.removed_share(arch, "mlp"), [0.5, 1.0, 0.0])
     np.testing.assert_allclose(imp.removed_share(arch), [(3 + 24) / 58, 1.0, 0.0])
     assert imp.kept_kv_groups(0, 2).tolist() == [1, 2]
+    batch = imp.removed_share_batch(np.array([[1, 0, 3], [3, 2, 1]]), np.array([[24, 0, 48], [48, 8, 48]]),
+                                    np.array([[False, True, False], [False, False, False]]))
+    np.testing.assert_allclose(batch[0], imp.removed_share(arch))
+    np.testing.assert_allclose(batch[1], [0.0, (1 + 40) / 58, 3 / 58])
     with pytest.raises(ValueError):
         imp.removed_share(uniform(bases["qwen2_bias"].spec, 0.5))

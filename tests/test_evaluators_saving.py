@@ -47,7 +47,8 @@ def test_files_record_shapes_and_provenance(bases, tmp_path):
     base = bases["qwen2_bias"]
     imp = compute_importance(base, "l2")
     arch = arch_with_drop(base.spec)
-    out = save_pruned(prune_model(base, arch, imp), base, arch, imp, tmp_path / "p", dtype="bfloat16")
+    out = save_pruned(prune_model(base, arch, imp), base, arch, imp, tmp_path / "p", dtype="bfloat16",
+                      base_name="my-qwen")
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["layer_types"] == ["full_attention"] * 2
     kept = [l for l in arch.layers if not l.dropped]
@@ -57,6 +58,7 @@ def test_files_record_shapes_and_provenance(bases, tmp_path):
     info = read_pruned_info(out)
     assert info["architecture"] == arch.layer_dicts() and info["canonical"] == arch.canonical_json()
     assert info["params"] == arch.params and info["base"]["config_hash"] == base.config_hash
+    assert info["base"]["name"] == "my-qwen" and info["base"]["location"] == base.location
     assert info["importance"]["criterion"] == "l2" and info["dtype"] == "bfloat16"
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     loaded = load_pruned(out)

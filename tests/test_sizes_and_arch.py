@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archopt.archdb.arch import (SUPPORTED_FAMILIES, Architecture, ArchitectureError, BaseSpec, LayerSpec,
@@ -14,7 +14,8 @@ from archopt.archdb.arch import (SUPPORTED_FAMILIES, Architecture, ArchitectureE
                                  parse_layer_range, round_channels, uniform, uniform_at_size)
 from archopt.archdb.sizes import SizeError, format_size, parse_size, parse_tolerance
 
-HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS = settings(max_examples=150, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- parse_size -----------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Queries in the service: validate the request, check the predictors, answer from the store or search.
+
+The answer is ``run_query``'s ``archopt.query/1`` document, always with ``retrain=False``:
+
+1. ``plan`` (a few small reads): resolve the model and the size, and for each objective find the
+   newest predictor version and whether the archive has data it has not seen (stale).
+2. A metric with no usable predictor at all is trained in the background and the request gets
+   ``NotReady`` (HTTP 503 with Retry-After); stale metrics are queued for a background retrain
+   and the answer says ``predictors_stale``.
+3. An identical query (same inputs and predictor versions) is answered from memory, else from the
+   archive's stored query (``run_query`` does that), else searched. Concurrent identical cold
+   queries share one computation: the first starts it, the others wait for its result.
+
+The in-memory copy is the stored answer of the same key (``run_query``'s key: inputs and predictor
+rows), kept so that a repeated query does not unpickle the predictors just to find the stored row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from archopt.archdb.archive import Archive, ArchiveError
+from archopt.archdb.errors import ArchoptError
+
+from .documents import RequestError
+from .trainer import Trainer
+
+QUERY_FIELDS = ("model", "params", "tolerance", "objectives", "top", "seed", "explain")
+MAX_TOP = 200
+
+
+class NotReady(ArchoptError):
+    """A predictor is being trained for the first time: ask again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _field_error(name: str, want: str, got: Any) -> RequestError:
+    shown = repr(got) if not isinstance(got, str) else repr(got[:60])
+    return RequestError(f"field {name!r} must be {want}, got {shown}")
+
+
+def parse_query_body(body: Any) -> Any:
+    """A ``QueryRequest`` from the JSON body of ``POST /v1/query`` (the options of ``archopt query``)."""
+    from archopt.optimizer.query import QueryRequest
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object such as "
+                           '{"model": "llama-2-7b", "params": "5B"}')
+    unknown = [k for k in body if k not in QUERY_FIELDS]
+    if unknown:
+        import difflib
+        close = difflib.get_close_matches(str(unknown[0]), QUERY_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(QUERY_FIELDS)})"
+        raise RequestError(f"unknown field {str(unknown[0])[:40]!r}{hint}")
+    for name in ("model", "params"):
+        if name not in body:
+            raise RequestError(f"field {name!r} is required")
+    model = body["model"]
+    if not isinstance(model, str) or not model.strip():
+        raise _field_error("model", "a model name", model)
+    params = body["params"]
+    if isinstance(params, bool) or not isinstance(params, (str, int)):
+        raise _field_error("params", "a size such as \"5B\", \"550M\", \"80%\" or an integer", params)
+    tolerance = body.get("tolerance", "2%")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (str, int, float)):
+        raise _field_error("tolerance", "a tolerance such as \"2%\" or 0.02", tolerance)
+    objectives = body.get("objectives", ["ppl_wikitext2"])
+    if isinstance(objectives, str):
+        objectives = [x.strip() for x in objectives.split(",") if x.strip()]
+    if not isinstance(objectives, list) or not objectives or not all(isinstance(x, str) for x in objectives):
+        raise _field_error("objectives", "a non-empty list of metric names", objectives)
+    top = body.get("top", 10)
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= MAX_TOP:
+        raise _field_error("top", f"an integer from 1 to {MAX_TOP}", top)
+    seed = body.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _field_error("seed", "an integer", seed)
+    explain = body.get("explain", False)
+    if not isinstance(explain, bool):
+        raise _field_error("explain", "true or false", explain)
+    return QueryRequest(model=model.strip(), params=params, tolerance=tolerance,
+                        objectives=tuple(x.strip() for x in objectives), top=top, seed=seed, explain=explain,
+                        retrain=False)
+
+
+@dataclass(frozen=True)
+class PredictorState:
+    metric: str
+    protocol_id: int
+    row_id: int | None
+    version: int | None
+    stale: bool
+    usable: bool
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """A validated query with its size resolved and the state of its predictors."""
+
+    request: Any  # QueryRequest, with the model's registered name and retrain=False
+    target: int
+    tolerance: float
+    predictors: tuple[PredictorState, ...]
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        r = self.request
+        return (r.model, self.target, round(self.tolerance, 9), r.objectives, r.top, r.seed, r.explain,
+                r.candidates, tuple(p.row_id for p in self.predictors))
+
+    @property
+    def missing(self) -> list[str]:
+        return [p.metric for p in self.predictors if not p.usable]
+
+    @property
+    def stale(self) -> list[str]:
+        return [p.metric for p in self.predictors if p.usable and p.stale]
+
+
+def plan_query(archive: Archive, request: Any) -> QueryPlan:
+    """Resolve model and size and look at the predictors, without loading or training any."""
+    from archopt.archdb import reads
+    from archopt.archdb.sizes import parse_size, parse_tolerance
+    from archopt.optimizer.query import _check_objectives
+    from archopt.optimizer.training import (MIN_TRAIN, PredictorError, is_stale, latest_row, library_versions,
+                                            protocol_for)
+    objectives = _check_objectives(request.objectives)
+    sklearn_now = library_versions()["scikit-learn"]
+    states = []
+    with archive.read() as session:
+        base = reads.get_base_model(session, request.model)
+        target = parse_size(request.params, base.total_params)
+        tolerance = parse_tolerance(request.tolerance)
+        if target > base.total_params:
+            raise PredictorError(f"target {target:,} is larger than {base.name} itself "
+                                 f"({base.total_params:,} parameters)")
+        for metric in objectives:
+            pid = protocol_for(session, base, metric)
+            row = latest_row(session, base, metric, pid)
+            if row is None:
+                n = len(reads.training_pairs(session, base, metric, pid))
+                if n < MIN_TRAIN:
+                    raise PredictorError(f"{base.name}: only {n} live {metric} evaluations under protocol "
+                                         f"#{pid}; a predictor needs at least {MIN_TRAIN} (run archopt evaluate)")
+                states.append(PredictorState(metric, pid, None, None, True, False))
+                continue
+            usable = (row.library_versions or {}).get("scikit-learn") == sklearn_now
+            states.append(PredictorState(metric, pid, row.id, row.version, is_stale(session, row), usable))
+        name = base.name
+    return QueryPlan(replace(request, model=name, objectives=objectives, retrain=False), target, tolerance,
+                     tuple(states))
+
+
+class QueryService:
+    """Answers queries for one archive: plan, background training, memory of answers, coalescing."""
+
+    def __init__(self, archive: Archive, trainer: Trainer, *, retry_after: int = 5, cache_size: int = 512) -> None:
+        self.archive = archive
+        self.trainer = trainer
+        self.retry_after = retry_after
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[Any, ...], asyncio.Future] = {}  # touched by the event loop only
+        self.stats = {"computed": 0, "from_memory": 0, "shared": 0, "not_ready": 0}
+
+    async def answer(self, request: Any) -> dict[str, Any]:
+        """The ``archopt.query/1`` document of ``request`` (a ``QueryRequest``)."""
+        from starlette.concurrency import run_in_threadpool
+        started = time.perf_counter()
+        plan = await run_in_threadpool(plan_query, self.archive, request)
+        if plan.missing:
+            for metric in plan.missing:
+                self.trainer.submit(plan.request.model, metric)
+            self._count("not_ready")
+            raise NotReady(f"no predictor for {', '.join(plan.missing)} of {plan.request.model} yet: training it "
+                           f"in the background; ask again in {self.retry_after} s", self.retry_after)
+        for metric in plan.stale:
+            self.trainer.submit(plan.request.model, metric, debounce=True)
+        with self._lock:
+            hit = self._cache.get(plan.key)
+            if hit is not None:
+                self._cache.move_to_end(plan.key)
+        if hit is not None:
+            self._count("from_memory")
+            doc = {**hit, "served_from_store": True, "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)}
+            return self._with_current_staleness(doc, plan)
+        task = self._inflight.get(plan.key)
+        if task is None:
+            task = asyncio.ensure_future(run_in_threadpool(self._compute, plan))
+            self._inflight[plan.key] = task
+            task.add_done_callback(lambda t, key=plan.key: self._done(key, t))
+        else:
+            self._count("shared")
+        doc = await asyncio.shield(task)
+        return self._with_current_staleness(dict(doc), plan)
+
+    def _done(self, key: tuple[Any, ...], task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an error nobody waited for is not logged as lost
+
+    def _compute(self, plan: QueryPlan) -> dict[str, Any]:
+        from archopt.optimizer.query import run_query
+        try:
+            try:
+                doc = run_query(self.archive, plan.request)
+            except ArchiveError:
+                # another process stored the same query between our lookup and our insert
+                doc = run_query(self.archive, plan.request)
+        except ValueError as exc:
+            if type(exc) is ValueError:  # the search's own checks (e.g. a size below the smallest architecture)
+                raise RequestError(str(exc).splitlines()[0]) from None
+            raise
+        if not doc.get("served_from_store"):
+            self._count("computed")
+        versions = {p.metric: p.version for p in plan.predictors}
+        if doc.get("predictor_versions") == versions:
+            with self._lock:
+                self._cache[plan.key] = doc
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return doc
+
+    @staticmethod
+    def _with_current_staleness(doc: dict[str, Any], plan: QueryPlan) -> dict[str, Any]:
+        """A stored answer says how stale its predictors were then; say how stale they are now."""
+        stale = dict(doc.get("predictors_stale") or {})
+        for p in plan.predictors:
+            if doc.get("predictor_versions", {}).get(p.metric) == p.version:
+                stale[p.metric] = p.stale
+        doc["predictors_stale"] = stale
+        return doc
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
