@@ -186,6 +186,48 @@ def db_downgrade(state: State, revision: str) -> None:
         archive.close()
 
 
+@db.command("check")
+@click.option("--json", "as_json", is_flag=True)
+@pass_state
+def db_check(state: State, as_json: bool) -> None:
+    """Check the archive: database integrity, foreign keys, hashes, parameter counts, artifacts.
+
+    Exits non-zero when a problem is found.
+
+    \b
+    Example:
+      archopt db check
+    """
+    from .archdb.maintenance import check
+    report = check(state.archive)
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems}, indent=2))
+    else:
+        counts = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+        for problem in report.problems:
+            state.out.print(f"problem: {problem}", markup=False)
+        state.out.print(f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}: checked {counts}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@db.command("backup")
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@pass_state
+def db_backup(state: State, destination: Path) -> None:
+    """Copy a SQLite archive to DESTINATION with the online backup API (safe while others write).
+
+    For PostgreSQL it prints the pg_dump command to use instead.
+
+    \b
+    Example:
+      archopt db backup backups/archopt-2026-11-24.db
+    """
+    from .archdb.maintenance import backup
+    path = backup(state.archive, destination)
+    click.echo(f"backed up to {path}")
+
+
 # --- ingest / export ------------------------------------------------------------------------------
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -663,13 +705,18 @@ def print_query(state: State, doc: dict[str, Any]) -> None:
 @click.option("--explain", is_flag=True, help="Show the refined search space (which layers matter).")
 @click.option("--no-retrain", is_flag=True, help="Use the current predictors even if the archive has newer data.")
 @click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure the top K for real.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --verify: rounds of query -> verify K new architectures -> retrain.")
+@click.option("--explore", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="With --rounds > 1: verify by predicted - EXPLORE x uncertainty (active learning).")
 @click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location).")
 @click.option("--json", "as_json", is_flag=True, help="Print the archopt.query/1 JSON document.")
 @eval_options
 @server_options
 @pass_state
 def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
-          explain: bool, no_retrain: bool, verify: int, weights: str | None, as_json: bool, metrics: str,
+          explain: bool, no_retrain: bool, verify: int, rounds: int, explore: float, weights: str | None,
+          as_json: bool, metrics: str,
           data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
           ptb_split: str, importance: str, device: str | None, dtype: str | None, server: str | None,
           token: str | None) -> None:
@@ -683,9 +730,19 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     Example:
       archopt query --model ptb-llama-8l --params 80% --top 5
       archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --data-dir ../shared/data
       archopt query --model ptb-llama-8l --params 80% --server http://127.0.0.1:8000
     """
     objective_names = tuple(x.strip() for x in objectives.split(",") if x.strip())
+    if rounds > 1:
+        if not verify or server:
+            raise UserError("--rounds needs --verify K (and runs on this machine, without --server)")
+        _query_rounds(state, model, params_text, tolerance, objective_names, top, seed, not no_retrain, verify,
+                      rounds, explore, as_json,
+                      lambda d, k, campaigns: verify_results(
+                          state, d, k, weights, metrics, data_dir, seq_len, max_tokens, max_questions, shots,
+                          ptb_split, importance, device, dtype, seed, show=not as_json, campaigns=campaigns))
+        return
     if server:
         if verify:
             raise UserError("--verify measures on this machine: run it without --server")
@@ -710,11 +767,51 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
             click.echo(json.dumps(doc, indent=2))
 
 
+def _query_rounds(state: State, model: str, params_text: str, tolerance: str, objectives: tuple[str, ...],
+                  top: int, seed: int, retrain: bool, verify: int, rounds: int, explore: float, as_json: bool,
+                  verify_fn: Any) -> None:
+    """``query --verify K --rounds R``: optimizer.loop.verify_loop, measuring with one loaded model."""
+    from .optimizer.loop import verify_loop
+    from .optimizer.query import QueryRequest
+    request = QueryRequest(model=model, params=params_text, tolerance=tolerance, objectives=objectives,
+                           top=top, seed=seed, retrain=retrain)
+    campaigns: dict[Any, Any] = {}
+    verified: list[Any] = []
+
+    def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
+        if not as_json:
+            state.err.print(f"round: verifying {len(picks)} of query #{doc['query_id']} "
+                            f"(predictors {', '.join(f'{k} v{v}' for k, v in doc['predictor_versions'].items())})")
+        got = verify_fn({**doc, "results": picks}, len(picks), campaigns)
+        if not got:
+            raise UserError("verification measured nothing (see above); stopping the rounds")
+        verified.extend(got)
+
+    report = verify_loop(state.archive, request, verify=verify, rounds=rounds, measure=measure, explore=explore)
+    import dataclasses
+    from .optimizer.query import run_query
+    # the final answer, from predictors that learned from every round
+    doc = run_query(state.archive, dataclasses.replace(request, seed=seed + len(report.rounds)))
+    doc["verified"] = verified
+    doc["rounds"] = report.to_dict()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    print_query(state, doc)
+    obj = objectives[0]
+    best = min((v for v in verified if v["measured"].get(obj) is not None),
+               key=lambda v: v["measured"][obj] * (1 if obj.startswith(("ppl", "kl")) else -1), default=None)
+    state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"
+                    + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))
+
+
 def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
                    data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
                    ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int,
-                   show: bool = True) -> list[Any]:
-    """Measure the top ``k`` of a query for real; prints predicted against measured (``show``)."""
+                   show: bool = True, campaigns: dict[Any, Any] | None = None) -> list[Any]:
+    """Measure the top ``k`` of a query for real; prints predicted against measured (``show``).
+
+    ``campaigns``: a dict kept across calls (rounds) so the base model is loaded once per settings."""
     from .archdb.arch import from_layer_dicts
     from .archdb.reads import get_base_model
     from .optimizer.campaign import Campaign, CampaignError
@@ -744,11 +841,16 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
     wanted = tuple(dict.fromkeys([*doc["objectives"], *[x for x in metrics.split(",") if x.strip()]]))
     settings = _settings(",".join(wanted), data_dir, seq_len, max_tokens, max_questions, shots, ptb_split,
                          importance, device, dtype, seed)
-    try:
-        campaign = Campaign(state.archive, location, settings, doc["model"])
-    except (CampaignError, OSError) as exc:
-        state.err.print(f"cannot verify: {str(exc).splitlines()[0]}")
-        return []
+    key = (location, settings, doc["model"])
+    campaign = campaigns.get(key) if campaigns is not None else None
+    if campaign is None:
+        try:
+            campaign = Campaign(state.archive, location, settings, doc["model"])
+        except (CampaignError, OSError) as exc:
+            state.err.print(f"cannot verify: {str(exc).splitlines()[0]}")
+            return []
+        if campaigns is not None:
+            campaigns[key] = campaign
     top = doc["results"][:k]
     archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in top]
     report = run_campaign(state, campaign, archs, "verifying")
@@ -881,12 +983,14 @@ def _byte_size(text: str) -> int:
 @click.option("--max-body", default="64MB", show_default=True, help="Largest request body (413 above it).")
 @click.option("--retrain-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds between two background retrains of one stale predictor.")
+@click.option("--search-processes", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Processes per worker that run cold searches (0: in a thread of the worker).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @click.option("--no-access-log", is_flag=True, help="Do not log every request.")
 @pass_state
 def serve(state: State, db_url: str | None, host: str, port: int, workers: int, token_file: Path | None,
-          max_body: str, retrain_interval: float, log_level: str, no_access_log: bool) -> None:
+          max_body: str, retrain_interval: float, search_processes: int, log_level: str, no_access_log: bool) -> None:
     """Serve the archive over HTTP: a JSON API under /v1, /openapi.json, and a page at /.
 
     Queries use the current predictors and never train in the request: stale ones are retrained in
@@ -902,7 +1006,8 @@ def serve(state: State, db_url: str | None, host: str, port: int, workers: int, 
     from .service.app import ServiceConfig, read_token
     from .service.server import serve as run_server
     config = ServiceConfig(db=db_url or state.db, token=read_token(str(token_file) if token_file else None),
-                           max_body=_byte_size(max_body), retrain_interval=retrain_interval)
+                           max_body=_byte_size(max_body), retrain_interval=retrain_interval,
+                           search_processes=search_processes)
     Archive(config.db).close()  # a bad URL or an archive behind head fails here, as one line
     mode = "read-write (bearer token)" if config.token else "read-only (no token: set ARCHOPT_TOKEN or --token-file)"
     state.err.print(f"archopt {mode} on http://{host}:{port}, {workers} worker(s), archive "

@@ -108,6 +108,20 @@ class Campaign:
             max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
             ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
 
+    def bind(self, archive: Archive) -> "Campaign":
+        """The same loaded model, importance and tasks, writing to another archive (registered there
+        under this campaign's name). Benchmarks use it to give each method an archive of its own."""
+        import copy
+        other = copy.copy(self)
+        other.archive = archive
+        info = BaseModelInfo(self.name, self.base.spec, self.base.config_hash,
+                             weights_location(self.base.location), self.base.revision)
+        with archive.write() as session:
+            row, _ = register_base_model(session, info)
+            if row.config_hash != self.base.config_hash:
+                raise CampaignError(f"base model {self.name!r} is registered with another config in that archive")
+        return other
+
     def _registered_name(self, model_ref: str) -> str | None:
         with self.archive.read() as session:
             row = reads.find_base_model_by_hash(session, model_ref, self.base.config_hash)

@@ -69,6 +69,8 @@ class ServiceConfig:
     max_body: int = DEFAULT_MAX_BODY
     retrain_interval: float = 30.0  # seconds between two background retrains of one metric
     retry_after: int = 5  # what a 503 tells a client while a first predictor trains
+    state_ttl: float = 1.0  # seconds a query plan (model, size, predictor versions, staleness) is reused
+    search_processes: int = 1  # worker processes for cold queries (0: search in a thread of this process)
 
     def public(self) -> dict[str, Any]:
         """The settings without the token (for logs and worker processes)."""
@@ -82,10 +84,18 @@ class Service:
         self.config = config
         self.archive = Archive(config.db)
         self.trainer = Trainer(self.archive, min_interval=config.retrain_interval)
-        self.queries = QueryService(self.archive, self.trainer, retry_after=config.retry_after)
+        self.pool = None
+        if config.search_processes > 0 and ":memory:" not in self.archive.url:
+            from .worker import SearchPool
+            self.pool = SearchPool(self.archive.url, config.search_processes)
+        self.queries = QueryService(self.archive, self.trainer, retry_after=config.retry_after,
+                                    state_ttl=config.state_ttl, pool=self.pool)
+        self.trainer.listeners.append(self.queries.forget_state)
 
     def close(self) -> None:
         self.trainer.close()
+        if self.pool is not None:
+            self.pool.close()
         self.archive.close()
 
     def require_token(self, request: Request) -> None:

@@ -8,11 +8,14 @@ The answer is ``run_query``'s ``archopt.query/1`` document, always with ``retrai
    ``NotReady`` (HTTP 503 with Retry-After); stale metrics are queued for a background retrain
    and the answer says ``predictors_stale``.
 3. An identical query (same inputs and predictor versions) is answered from memory, else from the
-   archive's stored query (``run_query`` does that), else searched. Concurrent identical cold
-   queries share one computation: the first starts it, the others wait for its result.
+   archive's stored query (``run_query`` does that), else searched, in a worker process when the
+   service has a ``SearchPool``. Concurrent identical cold queries share one computation: the
+   first starts it, the others wait for its result.
 
 The in-memory copy is the stored answer of the same key (``run_query``'s key: inputs and predictor
 rows), kept so that a repeated query does not unpickle the predictors just to find the stored row.
+A plan is reused for ``state_ttl`` seconds (default 1 s; forgotten at once when this process stores a
+new predictor version): new data, wherever it was written, marks answers stale within that second.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from archopt.archdb.archive import Archive, ArchiveError
+from archopt.archdb.archive import Archive
 from archopt.archdb.errors import ArchoptError
 
 from .documents import RequestError
@@ -161,12 +164,17 @@ def plan_query(archive: Archive, request: Any) -> QueryPlan:
 class QueryService:
     """Answers queries for one archive: plan, background training, memory of answers, coalescing."""
 
-    def __init__(self, archive: Archive, trainer: Trainer, *, retry_after: int = 5, cache_size: int = 512) -> None:
+    def __init__(self, archive: Archive, trainer: Trainer, *, retry_after: int = 5, cache_size: int = 512,
+                 state_ttl: float = 1.0, pool: Any = None) -> None:
         self.archive = archive
         self.trainer = trainer
+        self.pool = pool  # a worker.SearchPool, or None: search in a thread of this process
         self.retry_after = retry_after
         self.cache_size = cache_size
+        self.state_ttl = state_ttl
         self._cache: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self._plans: OrderedDict[Any, tuple[float, QueryPlan]] = OrderedDict()
+        self._generation = 0
         self._lock = threading.Lock()
         self._inflight: dict[tuple[Any, ...], asyncio.Future] = {}  # touched by the event loop only
         self.stats = {"computed": 0, "from_memory": 0, "shared": 0, "not_ready": 0}
@@ -175,7 +183,11 @@ class QueryService:
         """The ``archopt.query/1`` document of ``request`` (a ``QueryRequest``)."""
         from starlette.concurrency import run_in_threadpool
         started = time.perf_counter()
-        plan = await run_in_threadpool(plan_query, self.archive, request)
+        plan = self._recent_plan(request)
+        if plan is None:
+            generation = self._generation
+            plan = await run_in_threadpool(plan_query, self.archive, request)
+            self._keep_plan(request, plan, generation)
         if plan.missing:
             for metric in plan.missing:
                 self.trainer.submit(plan.request.model, metric)
@@ -194,7 +206,7 @@ class QueryService:
             return self._with_current_staleness(doc, plan)
         task = self._inflight.get(plan.key)
         if task is None:
-            task = asyncio.ensure_future(run_in_threadpool(self._compute, plan))
+            task = asyncio.ensure_future(self._compute(plan))
             self._inflight[plan.key] = task
             task.add_done_callback(lambda t, key=plan.key: self._done(key, t))
         else:
@@ -202,23 +214,47 @@ class QueryService:
         doc = await asyncio.shield(task)
         return self._with_current_staleness(dict(doc), plan)
 
+    def forget_state(self) -> None:
+        """A new predictor version was stored here: plan queries afresh."""
+        with self._lock:
+            self._generation += 1
+            self._plans.clear()
+
+    def _recent_plan(self, request: Any) -> QueryPlan | None:
+        with self._lock:
+            found = self._plans.get(request)
+            if found is None or time.monotonic() - found[0] > self.state_ttl:
+                return None
+            return found[1]
+
+    def _keep_plan(self, request: Any, plan: QueryPlan, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return  # planned before a change that this process made: do not keep it
+            self._plans[request] = (time.monotonic(), plan)
+            self._plans.move_to_end(request)
+            while len(self._plans) > 4 * self.cache_size:
+                self._plans.popitem(last=False)
+
     def _done(self, key: tuple[Any, ...], task: asyncio.Future) -> None:
         self._inflight.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved here, so an error nobody waited for is not logged as lost
 
-    def _compute(self, plan: QueryPlan) -> dict[str, Any]:
-        from archopt.optimizer.query import run_query
-        try:
+    async def _compute(self, plan: QueryPlan) -> dict[str, Any]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from starlette.concurrency import run_in_threadpool
+
+        from .worker import compute_query
+        doc = None
+        if self.pool is not None:
             try:
-                doc = run_query(self.archive, plan.request)
-            except ArchiveError:
-                # another process stored the same query between our lookup and our insert
-                doc = run_query(self.archive, plan.request)
-        except ValueError as exc:
-            if type(exc) is ValueError:  # the search's own checks (e.g. a size below the smallest architecture)
-                raise RequestError(str(exc).splitlines()[0]) from None
-            raise
+                doc = await asyncio.wrap_future(self.pool.submit(plan.request))
+            except BrokenProcessPool:  # the worker died under this query: answer it here
+                doc = None
+        if doc is None:
+            doc = await run_in_threadpool(compute_query, self.archive, plan.request)
         if not doc.get("served_from_store"):
             self._count("computed")
         versions = {p.metric: p.version for p in plan.predictors}

@@ -49,6 +49,7 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.trained = 0
+        self.listeners: list[Any] = []  # called (in the trainer's thread) after a new version is stored
 
     def submit(self, model: str, metric: str, *, protocol: int | None = None, force: bool = False,
                seed: int = 0, debounce: bool = False) -> Future:
@@ -130,12 +131,16 @@ class Trainer:
                 trained = ensure_predictors(self.archive, job.model, [job.metric], force=job.force,
                                             protocols=protocols, seed=job.seed)
                 result = {k: t.version for k, t in trained.items()}
+                retrained = any(t.retrained for t in trained.values())
                 with self._cond:
                     self._errors.pop((job.model, job.metric), None)
-                    if any(t.retrained for t in trained.values()):
+                    if retrained:
                         self.trained += 1
                         log.info("trained %s %s v%s in %.1f s", job.model, job.metric, result.get(job.metric),
                                  time.perf_counter() - started)
+                if retrained:
+                    for listener in self.listeners:
+                        listener()
                 job.future.set_result(result)
             except BaseException as exc:  # noqa: BLE001 - reported through the future and status()
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

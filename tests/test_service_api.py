@@ -34,7 +34,8 @@ MAX_BODY = 64 * 1024
 
 @contextlib.contextmanager
 def serving(url: str, **config: Any):
-    app = create_app(ServiceConfig(db=url, **{"token": TOKEN, "max_body": MAX_BODY, **config}))
+    app = create_app(ServiceConfig(db=url, **{"token": TOKEN, "max_body": MAX_BODY, "search_processes": 0,
+                                              **config}))
     with BackgroundServer(app) as server:
         server.service = app.state.service
         yield server
@@ -90,7 +91,7 @@ def served(request, tmp_path_factory):
     archive = Archive(url)
     fill(archive, 40)
     ensure_predictors(archive, "synth", ["ppl_wikitext2"])
-    with serving(url, retrain_interval=3600) as server:
+    with serving(url, retrain_interval=3600, search_processes=1) as server:  # searches in a worker process
         server.archive = archive
         server.client = Client(server.url, TOKEN)
         yield server
@@ -334,7 +335,7 @@ def test_predictors_train_in_the_background_never_in_a_query(sqlite_url):
     marked stale, and retrained in the background; the next answer uses the new version."""
     archive = Archive(sqlite_url)
     fill(archive, 30)
-    with serving(sqlite_url, retrain_interval=0) as server:
+    with serving(sqlite_url, retrain_interval=0, state_ttl=0) as server:
         code, headers, doc = raw(server.url + "/v1/query", "POST", b'{"model": "synth", "params": "75%", "top": 3}')
         assert code == 503 and int(headers["Retry-After"]) > 0
         assert "no predictor for ppl_wikitext2" in doc["error"] and "background" in doc["error"]

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
     fill(archive, 30)
     ensure_predictors(archive, "synth", ["ppl_wikitext2"])
     archive.close()
-    with BackgroundServer(create_app(ServiceConfig(db=url, token=TOKEN))) as server:
+    with BackgroundServer(create_app(ServiceConfig(db=url, token=TOKEN, search_processes=0))) as server:
         yield url, server.url, folder
 
 

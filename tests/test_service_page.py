@@ -70,7 +70,7 @@ def test_page_shows_the_api_answer(browser, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
     url = f"sqlite:///{tmp_path / 'archive.db'}"
     measured_archive(url)  # the page's answer uses the (now stale) predictors: the same front, measured in part
-    with BackgroundServer(create_app(ServiceConfig(db=url))) as server:
+    with BackgroundServer(create_app(ServiceConfig(db=url, search_processes=0))) as server:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
