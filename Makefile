@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	ARCHOPT_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	rm -rf demo && mkdir -p demo
