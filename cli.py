@@ -146,6 +146,10 @@ def db_upgrade(state: State, revision: str) -> None:
     finally:
         archive.close()
     click.echo(f"archive {archive.url.split('@')[-1]}: {before or 'empty'} -> {after}")
+    if archive.dialect == "postgresql":
+        from .optimizer.jobs import upgrade_queue_schema
+        created = upgrade_queue_schema(archive.url)
+        click.echo(f"job queue (schema procrastinate): {'created' if created else 'up to date'}")
 
 
 @db.command("current")
@@ -705,6 +709,8 @@ def print_query(state: State, doc: dict[str, Any]) -> None:
 @click.option("--explain", is_flag=True, help="Show the refined search space (which layers matter).")
 @click.option("--no-retrain", is_flag=True, help="Use the current predictors even if the archive has newer data.")
 @click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure the top K for real.")
+@click.option("--queue", "to_queue", is_flag=True,
+              help="With --verify K: enqueue the top K for `archopt worker`s instead (PostgreSQL archive).")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --verify: rounds of query -> verify K new architectures -> retrain.")
 @click.option("--explore", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -715,7 +721,7 @@ def print_query(state: State, doc: dict[str, Any]) -> None:
 @server_options
 @pass_state
 def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
-          explain: bool, no_retrain: bool, verify: int, rounds: int, explore: float, weights: str | None,
+          explain: bool, no_retrain: bool, verify: int, to_queue: bool, rounds: int, explore: float, weights: str | None,
           as_json: bool, metrics: str,
           data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
           ptb_split: str, importance: str, device: str | None, dtype: str | None, server: str | None,
@@ -734,6 +740,10 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
       archopt query --model ptb-llama-8l --params 80% --server http://127.0.0.1:8000
     """
     objective_names = tuple(x.strip() for x in objectives.split(",") if x.strip())
+    if to_queue:
+        if not verify or rounds > 1 or server:
+            raise UserError("--queue goes with --verify K (one round, without --server)")
+        _queue_url(state)
     if rounds > 1:
         if not verify or server:
             raise UserError("--rounds needs --verify K (and runs on this machine, without --server)")
@@ -759,12 +769,44 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
         return
     if not as_json:
         print_query(state, doc)
-    if verify:
+    if verify and to_queue:
+        doc["queued"] = _queue_verify(state, doc, verify, weights, metrics, data_dir, seq_len, max_tokens,
+                                      max_questions, shots, ptb_split, importance, dtype, seed)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+    elif verify:
         doc["verified"] = verify_results(state, doc, verify, weights, metrics, data_dir, seq_len, max_tokens,
                                          max_questions, shots, ptb_split, importance, device, dtype, seed,
                                          show=not as_json)
         if as_json:
             click.echo(json.dumps(doc, indent=2))
+
+
+def _queue_verify(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
+                  data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
+                  ptb_split: str, importance: str, dtype: str | None, seed: int) -> dict[str, Any]:
+    """``query --verify K --queue``: enqueue the top K under the predictors' protocols; returns the job ids."""
+    from .archdb.arch import from_layer_dicts
+    from .archdb.reads import get_base_model, protocol_dict
+    from .archdb.store import spec_of
+    with state.archive.read() as session:
+        spec = spec_of(get_base_model(session, doc["model"]))
+        protocols = {mname: protocol_dict(session, pid) for mname, pid in doc.get("predictor_protocols", {}).items()}
+    for mname, p in protocols.items():  # the same protocol choice as verify_results
+        if mname.startswith("ppl"):
+            seq_len = p.get("seq_len") or seq_len
+            max_tokens = p.get("tokens") or max_tokens
+            if mname == "ppl_ptb" and p.get("split") in ("validation", "test"):
+                ptb_split = p["split"]
+        elif mname == "mmlu":
+            max_questions = p.get("questions") or max_questions
+            shots = p["shots"] if p.get("shots") is not None else shots
+    wanted = tuple(dict.fromkeys([*doc["objectives"], *[x for x in metrics.split(",") if x.strip()]]))
+    settings = _settings(",".join(wanted), data_dir, seq_len, max_tokens, max_questions, shots, ptb_split,
+                         importance, "cpu", dtype, seed)
+    archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in doc["results"][:k]]
+    report = _submit(state, doc["model"], archs, settings, weights, 0)
+    return {"jobs": report.enqueued, "in_archive": report.in_archive, "in_queue": report.in_queue}
 
 
 def _query_rounds(state: State, model: str, params_text: str, tolerance: str, objectives: tuple[str, ...],
@@ -1028,6 +1070,206 @@ def _hide_password(url: str | None) -> str:
         return "(archive)"
 
 
+# --- queue: submit / worker / jobs (PostgreSQL only) ---------------------------------------------
+def _queue_url(state: State) -> str:
+    """The archive URL if it is PostgreSQL; else the one-line answer that the queue needs it."""
+    from .archdb.archive import resolve_url
+    from .optimizer.jobs import NEEDS_POSTGRES
+    url = resolve_url(state.db)
+    if not url.startswith("postgresql"):
+        raise UserError(NEEDS_POSTGRES)
+    return url
+
+
+def _submit(state: State, model: str, archs: list[tuple[Any, str]], settings: Any, weights: str | None,
+            priority: int) -> Any:
+    from .optimizer.jobs import submit as submit_jobs
+    report = submit_jobs(state.archive, model, archs, settings, location=weights, priority=priority)
+    note = "" if report.archive_checked else " (weights not reachable here: archive not checked, workers skip what it holds)"
+    state.out.print(f"enqueued {len(report.enqueued)} job(s); {report.in_archive} already in the archive, "
+                    f"{report.in_queue} already queued or running{note}")
+    return report
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="Registered base model (name, path or hub id).")
+@click.option("--arch", "arch_texts", multiple=True, help="Architecture to measure (id, JSON or compact).")
+@click.option("--samples", type=click.IntRange(min=0), default=0, help="Sampled architectures to measure.")
+@click.option("--sampler", type=click.Choice(["random", "paper"]), default="random", show_default=True)
+@click.option("--layers", default=None, help="Prunable layers, inclusive: 3-29.")
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5", show_default=True, help="Ratio set of --sampler paper.")
+@click.option("--params", "params_text", default=None, help="Random samples near this size: 5B, 550M, 80%.")
+@click.option("--tolerance", default="5%", show_default=True, help="Size window of --params.")
+@click.option("--from-query", "query_id", type=int, default=None, help="Every result of this stored query.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--weights", default=None, help="Where workers find the base weights (default: the archive's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@eval_options
+@pass_state
+def submit(state: State, model: str, arch_texts: tuple[str, ...], samples: int, sampler: str, layers: str | None,
+           ratios: str, params_text: str | None, tolerance: str, query_id: int | None, priority: int,
+           weights: str | None, seed: int, metrics: str, data_dir: Path | None, seq_len: int,
+           max_tokens: int | None, max_questions: int | None, shots: int, ptb_split: str, importance: str,
+           device: str | None, dtype: str | None) -> None:
+    """Queue evaluations for `archopt worker`s (needs a PostgreSQL archive).
+
+    One job per architecture the archive does not hold under these protocol settings; submitting the
+    same thing twice enqueues nothing new. --device is the workers' choice (archopt worker --device).
+
+    \b
+    Example:
+      archopt --db postgresql://archopt@db/archopt submit --model ptb-llama-8l --samples 50 --max-tokens 4096
+      archopt submit --model ptb-llama-8l --from-query 12
+    """
+    _queue_url(state)
+    if not (arch_texts or samples or query_id is not None):
+        raise UserError("give --arch, --samples N or --from-query ID")
+    from .archdb.arch import from_layer_dicts, parse_layer_range
+    from .archdb.reads import get_base_model
+    from .archdb.sizes import parse_size, parse_tolerance
+    from .archdb.store import spec_of
+    from .optimizer.samplers import sample_architectures
+    with state.archive.read() as session:
+        base = get_base_model(session, model)
+        name, spec = base.name, spec_of(base)
+    archs: list[tuple[Any, str]] = [(_parse_arch(state, name, spec, t), "ingest") for t in arch_texts]
+    if samples:
+        layer_idx = parse_layer_range(layers, spec.num_layers) if layers else None
+        target = parse_size(params_text, spec.total_params) if params_text else None
+        archs += [(a, "random") for a in sample_architectures(
+            spec, samples, sampler, seed=seed, layers=layer_idx,
+            ratios=tuple(_floats(ratios, "--ratios")) or (0.1, 0.2, 0.3, 0.4, 0.5),
+            target_params=target, tolerance=parse_tolerance(tolerance))]
+    if query_id is not None:
+        from .optimizer.query import get_query
+        doc = get_query(state.archive, query_id)
+        if doc["model"] != name:
+            raise UserError(f"query #{query_id} is about {doc['model']}, not {name}")
+        archs += [(from_layer_dicts(spec, r["layers"]), "verify") for r in doc["results"]]
+    settings = _settings(metrics, data_dir, seq_len, max_tokens, max_questions, shots, ptb_split, importance,
+                         device or "cpu", dtype, seed)
+    _submit(state, name, archs, settings, weights, priority)
+
+
+@cli.command()
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available); one worker per GPU.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local data laid out like ../shared/data (default: Hugging Face datasets).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs at once in this process (1 per GPU is right for most models).")
+@click.option("--max-jobs", type=click.IntRange(min=0), default=None, help="Exit after this many jobs.")
+@click.option("--idle-exit", type=click.FloatRange(min=0), default=None, help="Exit after S seconds without a job.")
+@click.option("--attempts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of a job before it is marked failed (a stalled worker counts as one).")
+@click.option("--heartbeat", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds between two heartbeats of this worker.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.5), default=60.0, show_default=True,
+              help="A job whose worker sent no heartbeat for this long is retried by another worker.")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between two looks at the queue (besides PostgreSQL notifications).")
+@click.option("--name", default=None, help="Worker name in `archopt jobs` (default: host:pid).")
+@pass_state
+def worker(state: State, device: str | None, dtype: str | None, data_dir: Path | None, concurrency: int,
+           max_jobs: int | None, idle_exit: float | None, attempts: int, heartbeat: float, stall_timeout: float,
+           poll: float, name: str | None) -> None:
+    """Run queued evaluations (from `archopt submit` / `query --verify K --queue`) on this machine.
+
+    Keeps each base model loaded between jobs. SIGTERM or Ctrl-C finishes the job in hand, then exits;
+    a worker killed outright leaves its job to another worker after --stall-timeout.
+
+    \b
+    Example:
+      CUDA_VISIBLE_DEVICES=0 archopt --db postgresql://archopt@db/archopt worker --device cuda \\
+          --data-dir ../shared/data
+    """
+    import logging
+    url = _queue_url(state)
+    if heartbeat >= stall_timeout:
+        raise UserError("--heartbeat must be shorter than --stall-timeout")
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    from .optimizer.jobs import run_worker
+    state.err.print(f"worker on {device}, archive {_hide_password(url)}", markup=False)
+    ran = run_worker(url, device=device, dtype=dtype, data_dir=str(data_dir) if data_dir else None,
+                     concurrency=concurrency, max_jobs=max_jobs, idle_exit=idle_exit, attempts=attempts,
+                     heartbeat=heartbeat, stall_timeout=stall_timeout, poll=poll, name=name)
+    state.err.print(f"worker done: {ran} job(s)", markup=False)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"]),
+              help="Only jobs in this status (repeatable).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """The evaluation queue: counts per status and per worker, newest jobs; retry or cancel jobs.
+
+    \b
+    Example:
+      archopt jobs --status failed
+      archopt jobs retry 17 18
+      archopt jobs cancel 19
+    """
+    state: State = ctx.obj
+    url = _queue_url(state)
+    if ctx.invoked_subcommand is not None:
+        return
+    from .optimizer.jobs import list_jobs
+    doc = list_jobs(url, statuses, limit)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    state.out.print("jobs: " + (", ".join(f"{n} {s}" for s, n in doc["counts"].items()) or "none"))
+    if doc["workers"]:
+        emit(state, doc["workers"], [("worker", "worker"), ("alive", "alive"), ("doing", "running"),
+                                     ("succeeded", "succeeded"), ("failed_or_stalled", "failed/stalled"),
+                                     ("busy_seconds", "busy s")], False, title="workers")
+    rows = [{**j, "arch_id": (j["arch_id"] or "")[:12], "updated": (j["updated"] or "")[:19]} for j in doc["jobs"]]
+    emit(state, rows, [("id", "job"), ("status", "status"), ("model", "model"), ("arch_id", "arch"),
+                       ("attempts", "runs"), ("priority", "priority"), ("worker", "worker"),
+                       ("updated", "updated"), ("error", "last error")], False)
+
+
+@jobs.command("retry")
+@click.argument("job_ids", nargs=-1, type=int, required=True)
+@pass_state
+def jobs_retry(state: State, job_ids: tuple[int, ...]) -> None:
+    """Put failed jobs back in the queue.
+
+    \b
+    Example:
+      archopt jobs retry 17 18
+    """
+    from .optimizer.jobs import retry_jobs
+    done = retry_jobs(_queue_url(state), job_ids)
+    state.out.print(f"requeued {len(done)} job(s)" + (f"; not failed, left alone: "
+                    f"{', '.join(str(j) for j in job_ids if j not in done)}" if len(done) < len(job_ids) else ""))
+
+
+@jobs.command("cancel")
+@click.argument("job_ids", nargs=-1, type=int, required=True)
+@pass_state
+def jobs_cancel(state: State, job_ids: tuple[int, ...]) -> None:
+    """Cancel queued jobs (a running one is asked to abort).
+
+    \b
+    Example:
+      archopt jobs cancel 19 20
+    """
+    from .optimizer.jobs import cancel_jobs
+    done = cancel_jobs(_queue_url(state), job_ids)
+    state.out.print(f"cancelled {len(done)} job(s)" + (f"; already finished or unknown: "
+                    f"{', '.join(str(j) for j in job_ids if j not in done)}" if len(done) < len(job_ids) else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one-line errors with a non-zero exit, tracebacks only with --debug."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -1040,7 +1282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
+        # an argument echoed back may hold line breaks (or \x1c-\x1e, \u2028): keep the error on one line
+        click.echo(f"error: {' '.join(exc.format_message().splitlines())}", err=True)
         sys.exit(exc.exit_code if exc.exit_code else 1)
     except USER_ERRORS as exc:
         if debug:

@@ -421,6 +421,8 @@ def parse_architecture(spec: BaseSpec, value: Any, multiple: int = DEFAULT_CHANN
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ArchitectureError(f"architecture JSON is invalid: {exc.msg} at column {exc.colno}") from None
+            except (RecursionError, ValueError):  # absurd nesting; an integer of more than 4300 digits
+                raise ArchitectureError("architecture JSON is invalid: nested too deeply or a number too long") from None
         else:
             return _parse_compact(spec, text)
     if isinstance(value, Mapping):

@@ -5,7 +5,8 @@ Contract:
   session, closed at the end of the block.
 - ``write()`` commits on success and rolls back on any error: a block is all or nothing. On SQLite
   a write block starts with ``BEGIN IMMEDIATE`` (writers queue on the busy timeout instead of
-  failing on a lock upgrade); readers are never blocked (WAL).
+  failing on a lock upgrade); readers are never blocked (WAL). On PostgreSQL a write block starts
+  by taking the writers' advisory transaction lock, so write blocks are serialised the same way.
 - Database errors leave as ``ArchiveError`` with a one-line message, never a raw SQL string.
 - A new, empty database is migrated to head on first use. An archive behind head asks for
   ``archopt db upgrade``; one ahead of this archopt asks for a newer archopt.
@@ -123,6 +124,11 @@ class Archive:
     def write(self) -> Iterator[Session]:
         session = self._write()
         try:
+            if self.dialect == "postgresql":
+                # Queue behind other writers for the whole block, as BEGIN IMMEDIATE does on SQLite:
+                # blocks that read then insert (the next predictor version) would otherwise race.
+                from .store import serialize_writers
+                serialize_writers(session)
             yield session
             session.commit()
         except SQLAlchemyError as exc:

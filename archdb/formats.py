@@ -107,7 +107,40 @@ def loads_strict(text: str, allow_nonfinite: bool = False) -> Any:
                        parse_constant=parse_constant)
     if nonfinite and not allow_nonfinite:
         _raise_nonfinite(value, "")
+    if "\\u" in text and _BAD_ESCAPE_RE.search(text):
+        _raise_unstorable(value, "")
     return value
+
+
+# Only a ``\u`` escape can put a NUL or an unpaired surrogate into a parsed string (raw control
+# characters are invalid JSON and decoded UTF-8 holds no surrogates); neither can be stored
+# (SQLite's driver cannot encode a lone surrogate, PostgreSQL refuses NUL in text).
+_BAD_ESCAPE_RE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _unstorable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _raise_unstorable(value: Any, where: str) -> None:
+    """Raise ``ValueError`` for the first string (key or value) holding a NUL or a lone surrogate."""
+    if isinstance(value, str):
+        if _unstorable(value):
+            raise ValueError(f"field {where or '(value)'!r}: text holds a NUL character or an unpaired surrogate")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if _unstorable(str(k)):
+                raise ValueError(f"field {where or '(object)'!r}: a key holds a NUL character or an unpaired surrogate")
+            _raise_unstorable(v, f"{where}.{str(k)[:40]}" if where else str(k)[:40])
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _raise_unstorable(v, f"{where}[{i}]")
 
 
 def _raise_nonfinite(value: Any, where: str) -> None:
@@ -220,6 +253,9 @@ def read_csv(path: str, stream: IO[bytes]) -> Iterator[tuple[int, ArchRecord]]:
             number = reader.line_num
             if None in row:
                 raise FormatError(path, number, "row has more cells than the header")
+            bad = next((k for k, v in row.items() if isinstance(v, str) and "\x00" in v), None)
+            if bad is not None:
+                raise FormatError(path, number, f"field {bad[:40]!r}: holds a NUL character")
             try:
                 yield number, parse_record(_csv_record(row, path), source=path)
             except RecordError as exc:

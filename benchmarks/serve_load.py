@@ -116,6 +116,30 @@ def side_lines(k: int) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
@@ -164,7 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for size in REPEATED:  # answered and stored once, before the clock starts
             status, body = warm.request("POST", "/v1/query", query_body(size))
             assert status == 200, body
+        cpu_before = tree_cpu_s(server.pid)
         results = run_load(port, args)
+        results["server_cpu_s"] = round(tree_cpu_s(server.pid) - cpu_before, 2)
+        results["server_cpu_ms_per_request"] = round(1000 * results["server_cpu_s"] / max(1, results["requests"]), 2)
     finally:
         server.terminate()
         try:
@@ -186,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_load(port: int, args: argparse.Namespace) -> dict[str, Any]:
     lat: dict[str, list[float]] = {"repeated": [], "cold": [], "ingest": []}
+    in_window = 0  # requests answered before the clock stopped (a cold query may end after it)
     failures: list[str] = []
     lock = threading.Lock()
     stop = time.monotonic() + args.duration
@@ -194,10 +222,12 @@ def run_load(port: int, args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = time.process_time()
 
     def record(kind: str, started: float, status: int, body: bytes) -> None:
+        nonlocal in_window
         ms = (time.perf_counter() - started) * 1000
         with lock:
             if status == 200:
                 lat[kind].append(ms)
+                in_window += time.monotonic() <= stop
             else:
                 failures.append(f"{kind}: {status} {body[:200]!r}")
 
@@ -240,28 +270,30 @@ def run_load(port: int, args: argparse.Namespace) -> dict[str, Any]:
         t.join()
     wall = time.perf_counter() - t0
     total = sum(len(v) for v in lat.values())
+    rate = in_window / args.duration
     return {
         "benchmark": "serve_load",
-        "requests": total, "requests_per_s": round(total / wall, 1),
-        "repeated_per_s": round(len(lat["repeated"]) / wall, 1), "wall_s": round(wall, 2),
+        "requests": total, "requests_per_s": round(rate, 1),
+        "repeated_per_s": round(len(lat["repeated"]) / args.duration, 1), "wall_s": round(wall, 2),
         "repeated": summary(lat["repeated"]), "cold": summary(lat["cold"]), "ingest": summary(lat["ingest"]),
         "failures": failures[:20], "failure_count": len(failures),
         "client_cpu_s": round(time.process_time() - cpu_before, 2), "load_avg_before": round(load_before, 2),
         "goals": {"repeated_p50_ms<=20": (summary(lat["repeated"])["p50_ms"] or 1e9) <= 20,
-                  "requests_per_s>=200": total / wall >= 200,
+                  "requests_per_s>=200": rate >= 200,
                   "cold_p99_ms<=3000": (summary(lat["cold"])["p99_ms"] or 1e9) <= 3000},
     }
 
 
 def print_summary(r: dict[str, Any]) -> None:
-    print(f"serve_load: {r['requests']} requests in {r['wall_s']} s = {r['requests_per_s']} req/s "
+    print(f"serve_load: {r['requests']} requests, {r['requests_per_s']} req/s over {r['duration_s']} s "
           f"({r['clients']} clients + 1 cold, {r['workers']} worker(s), {r['database']})")
     for kind in ("repeated", "cold", "ingest"):
         s = r[kind]
         print(f"  {kind:8s} n={s['count']:5d}  p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms  p99 {s['p99_ms']} ms  "
               f"max {s['max_ms']} ms")
-    print(f"  failures: {r['failure_count']}; goals: {r['goals']}; client CPU {r['client_cpu_s']} s; "
-          f"load before {r['load_avg_before']}")
+    print(f"  server CPU {r['server_cpu_s']} s ({r['server_cpu_ms_per_request']} ms per request, searches "
+          f"included); client CPU {r['client_cpu_s']} s; load average before {r['load_avg_before']}")
+    print(f"  failures: {r['failure_count']}; goals met: {r['goals']}")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,32 @@ def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
 
 def _query_key(request: QueryRequest, model: str, target: int, tolerance: float,
                trained: dict[str, Trained]) -> str:
+    return query_key(request, model, target, tolerance, {k: v.row_id for k, v in trained.items()})
+
+
+def query_key(request: QueryRequest, model: str, target: int, tolerance: float,
+              predictor_rows: dict[str, int]) -> str:
+    """The stored query's key: the inputs and the predictor versions (metric -> row id) used."""
     payload = {"model": model, "target": target, "tolerance": round(tolerance, 9),
                "objectives": list(request.objectives), "top": request.top, "seed": request.seed,
                "explain": request.explain, "candidates": request.candidates,
-               "predictors": {k: v.row_id for k, v in sorted(trained.items())}}
+               "predictors": dict(sorted(predictor_rows.items()))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def stored_answer(archive: Archive, request: QueryRequest, target: int, tolerance: float,
+                  predictor_rows: dict[str, int]) -> dict[str, Any] | None:
+    """The stored answer that ``run_query`` would serve for these predictor rows, or None.
+
+    ``request.model`` is the registered name. Nothing is loaded or trained: the service answers
+    repeated queries with it without unpickling the predictors.
+    """
+    key = query_key(request, request.model, target, tolerance, predictor_rows)
+    with archive.read() as session:
+        stored = session.scalar(select(m.StoredQuery).where(m.StoredQuery.query_key == key))
+        if stored is None:
+            return None
+        return {**stored.result, "served_from_store": True, "query_id": stored.id}
 
 
 def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:

@@ -7,13 +7,12 @@ The answer is ``run_query``'s ``archopt.query/1`` document, always with ``retrai
 2. A metric with no usable predictor at all is trained in the background and the request gets
    ``NotReady`` (HTTP 503 with Retry-After); stale metrics are queued for a background retrain
    and the answer says ``predictors_stale``.
-3. An identical query (same inputs and predictor versions) is answered from memory, else from the
-   archive's stored query (``run_query`` does that), else searched, in a worker process when the
+3. An identical query (same inputs and predictor versions: ``run_query``'s key) is answered from
+   memory, else from the archive's stored answer of that key (``optimizer.query.stored_answer``,
+   which loads no predictor), else searched by ``run_query``, in a worker process when the
    service has a ``SearchPool``. Concurrent identical cold queries share one computation: the
    first starts it, the others wait for its result.
 
-The in-memory copy is the stored answer of the same key (``run_query``'s key: inputs and predictor
-rows), kept so that a repeated query does not unpickle the predictors just to find the stored row.
 A plan is reused for ``state_ttl`` seconds (default 1 s; forgotten at once when this process stores a
 new predictor version): new data, wherever it was written, marks answers stale within that second.
 """
@@ -177,7 +176,7 @@ class QueryService:
         self._generation = 0
         self._lock = threading.Lock()
         self._inflight: dict[tuple[Any, ...], asyncio.Future] = {}  # touched by the event loop only
-        self.stats = {"computed": 0, "from_memory": 0, "shared": 0, "not_ready": 0}
+        self.stats = {"computed": 0, "from_memory": 0, "from_store": 0, "shared": 0, "not_ready": 0}
 
     async def answer(self, request: Any) -> dict[str, Any]:
         """The ``archopt.query/1`` document of ``request`` (a ``QueryRequest``)."""
@@ -195,13 +194,17 @@ class QueryService:
             raise NotReady(f"no predictor for {', '.join(plan.missing)} of {plan.request.model} yet: training it "
                            f"in the background; ask again in {self.retry_after} s", self.retry_after)
         for metric in plan.stale:
-            self.trainer.submit(plan.request.model, metric, debounce=True)
+            if not self.trainer.pending(plan.request.model, metric):
+                self.trainer.submit(plan.request.model, metric, debounce=True)
         with self._lock:
             hit = self._cache.get(plan.key)
             if hit is not None:
                 self._cache.move_to_end(plan.key)
         if hit is not None:
             self._count("from_memory")
+        else:
+            hit = await run_in_threadpool(self._stored, plan)
+        if hit is not None:
             doc = {**hit, "served_from_store": True, "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)}
             return self._with_current_staleness(doc, plan)
         task = self._inflight.get(plan.key)
@@ -236,6 +239,23 @@ class QueryService:
             while len(self._plans) > 4 * self.cache_size:
                 self._plans.popitem(last=False)
 
+    def _stored(self, plan: QueryPlan) -> dict[str, Any] | None:
+        """The archive's stored answer of this plan (no predictor is loaded), kept in memory too."""
+        from archopt.optimizer.query import stored_answer
+        rows = {p.metric: p.row_id for p in plan.predictors if p.row_id is not None}
+        doc = stored_answer(self.archive, plan.request, plan.target, plan.tolerance, rows)
+        if doc is not None:
+            self._count("from_store")
+            self._remember(plan, doc)
+        return doc
+
+    def _remember(self, plan: QueryPlan, doc: dict[str, Any]) -> None:
+        with self._lock:
+            self._cache[plan.key] = doc
+            self._cache.move_to_end(plan.key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
     def _done(self, key: tuple[Any, ...], task: asyncio.Future) -> None:
         self._inflight.pop(key, None)
         if not task.cancelled():
@@ -259,10 +279,7 @@ class QueryService:
             self._count("computed")
         versions = {p.metric: p.version for p in plan.predictors}
         if doc.get("predictor_versions") == versions:
-            with self._lock:
-                self._cache[plan.key] = doc
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+            self._remember(plan, doc)
         return doc
 
     @staticmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +101,21 @@ def test_ingest_prints_the_same_and_needs_the_token(run_cli, setup, tmp_path):
     assert anonymous.code == 1 and "token" in anonymous.err and len(anonymous.err_lines) == 1
     gone = run_cli("models", "--server", "http://127.0.0.1:9")
     assert gone.code == 1 and "cannot reach the archopt service" in gone.err
+
+
+def test_client_and_service_import_no_torch(setup):
+    """``archopt query --server`` and the service's handlers (a query searched in-process) load no torch."""
+    url, server, _ = setup
+    code = (
+        "import sys, json, urllib.request\n"
+        "from archopt.cli import main\n"
+        f"main(['query', '--model', 'synth', '--params', '80%', '--top', '3', '--json', '--server', {server!r}])\n"
+        "from archopt.service.app import ServiceConfig, create_app\n"
+        "from archopt.service.server import BackgroundServer\n"
+        f"with BackgroundServer(create_app(ServiceConfig(db={url!r}, search_processes=0))) as s:\n"
+        "    body = json.dumps({'model': 'synth', 'params': '80%', 'top': 3}).encode()\n"
+        "    urllib.request.urlopen(urllib.request.Request(s.url + '/v1/query', data=body)).read()\n"
+        "print('LOADED', [m for m in ('torch', 'transformers') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout, out.stdout[-500:]

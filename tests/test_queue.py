@@ -1,0 +1,168 @@
+"""Distributed evaluation on PostgreSQL: submit -> `archopt worker` processes -> archive, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import func, select
+
+import tiny_models as tm
+from archopt.archdb import Archive
+from archopt.archdb import models as m
+from archopt.optimizer.jobs import conninfo
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+EVAL = ("--metrics", "ppl_wikitext2,ppl_ptb", "--seq-len", "16", "--importance", "l2")
+ARCHOPT = str(Path(sys.executable).with_name("archopt"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tm.save_tiny("llama_gqa_odd", tmp_path_factory.mktemp("tiny") / "tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    lines = [line for line in tm.CORPUS.splitlines() if line.strip()]
+    (root / "wikitext-2").mkdir()
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(f" {line} \n \n" for line in lines * 3))
+    (root / "ptb").mkdir()
+    ptb = "".join(f" {line.lower()} \n" for line in lines * 3)
+    for split in ("train", "valid", "test"):
+        (root / "ptb" / f"ptb.{split}.txt").write_text(ptb)
+    return root
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def queue_db(pg_server, run_cli, model_dir, data_dir, env) -> str:
+    """A PostgreSQL archive with the queue schema and the tiny model registered (its base measured)."""
+    url = pg_server.new_database("q")
+    r = run_cli("--db", url, "db", "upgrade")
+    assert r.code == 0, r.err
+    assert "job queue (schema procrastinate): created" in r.out
+    r = run_cli("--db", url, "db", "upgrade")
+    assert r.code == 0 and "job queue (schema procrastinate): up to date" in r.out
+    r = run_cli("--db", url, "evaluate", "--model", model_dir, "--data-dir", data_dir, "--device", "cpu", *EVAL)
+    assert r.code == 0, r.err
+    return url
+
+
+def worker(url: str, data_dir: Path, *extra: str, delay: float = 0) -> subprocess.Popen:
+    env = {**os.environ, "ARCHOPT_TEST_JOB_DELAY": str(delay), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([ARCHOPT, "--db", url, "worker", "--device", "cpu", "--data-dir", str(data_dir),
+                             "--poll", "0.3", "--heartbeat", "0.5", "--stall-timeout", "3", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 90) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def submit(run_cli, url: str, data_dir: Path, *extra: str):
+    return run_cli("--db", url, "submit", "--model", "tiny-gqa", "--data-dir", data_dir, *EVAL, *extra)
+
+
+def sql(url: str, query: str, *params):
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def eval_counts(url: str) -> tuple[int, int, int]:
+    """(architectures, evaluations, (architecture, metric, protocol) duplicates)."""
+    archive = Archive(url)
+    try:
+        with archive.read() as session:
+            n_arch = session.scalar(select(func.count()).select_from(m.Architecture))
+            n_eval = session.scalar(select(func.count()).select_from(m.Evaluation))
+            dups = session.execute(select(m.Evaluation.architecture_id, m.Evaluation.metric, m.Evaluation.protocol_id)
+                                   .group_by(m.Evaluation.architecture_id, m.Evaluation.metric,
+                                             m.Evaluation.protocol_id).having(func.count() > 1)).all()
+            return n_arch, n_eval, len(dups)
+    finally:
+        archive.close()
+
+
+def test_two_workers_drain_the_queue_once_even_when_one_is_killed(run_cli, queue_db, data_dir):
+    url = queue_db
+    r = submit(run_cli, url, data_dir, "--samples", "8", "--seed", "3")
+    assert r.code == 0, r.err
+    assert "enqueued 8 job(s); 0 already in the archive, 0 already queued" in r.out
+    r = submit(run_cli, url, data_dir, "--samples", "8", "--seed", "3")  # same work again: nothing new
+    assert r.code == 0 and "enqueued 0 job(s); 0 already in the archive, 8 already queued" in r.out, r.out
+    r = run_cli("--db", url, "jobs", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["counts"] == {"todo": 8}
+    start = time.monotonic()
+    # worker A writes its first result, then is still "in" that job (test delay) when it is killed outright
+    a = worker(url, data_dir, "--name", "doomed", delay=90)
+    deadline = time.monotonic() + 90
+    while eval_counts(url)[1] < 4:  # the base's two values, then A's two
+        assert time.monotonic() < deadline and a.poll() is None, "worker A never wrote its result"
+        time.sleep(0.3)
+    b = worker(url, data_dir, "--idle-exit", "4", "--name", "rescuer")
+    doing = sql(url, "SELECT id FROM procrastinate.procrastinate_jobs WHERE status = 'doing'")
+    assert len(doing) == 1
+    os.kill(a.pid, signal.SIGKILL)
+    a.communicate(timeout=10)
+    out = finish(b)
+    elapsed = time.monotonic() - start
+    assert "stalled" in out and "worker done: 8 job(s)" in out, out[-3000:]
+    rows = dict(sql(url, "SELECT id, attempts FROM procrastinate.procrastinate_jobs WHERE status = 'succeeded'"))
+    # every job done; the killed one ran twice (the stall counted as one failed attempt), the others once
+    assert len(rows) == 8 and rows.pop(doing[0][0]) == 2 and set(rows.values()) == {1}
+    log = sql(url, "SELECT job_id, worker, outcome FROM procrastinate.archopt_job_log ORDER BY id")
+    assert [(w, o) for j, w, o in log if j == doing[0][0]] == [("rescuer", "stalled"), ("rescuer", "succeeded")]
+    # every architecture evaluated exactly once: base + 8, two metrics each, no duplicated row
+    assert eval_counts(url) == (9, 18, 0)
+    r = submit(run_cli, url, data_dir, "--samples", "8", "--seed", "3")  # now in the archive: nothing new
+    assert r.code == 0 and "enqueued 0 job(s); 8 already in the archive" in r.out, r.out
+    r = run_cli("--db", url, "jobs")
+    assert r.code == 0 and "8 succeeded" in r.out and "rescuer" in r.out
+    print(f"8 jobs in {elapsed:.1f}s (two worker starts, one kill -9 and a 3 s stall timeout included)")
+
+
+def test_bad_model_path_fails_after_its_attempts(run_cli, queue_db, data_dir, tmp_path):
+    url = queue_db
+    r = submit(run_cli, url, data_dir, "--arch", "uniform:0.3", "--weights", str(tmp_path / "no-such-model"))
+    assert r.code == 0 and "enqueued 1 job(s)" in r.out, r.out + r.err
+    out = finish(worker(url, data_dir, "--attempts", "2", "--idle-exit", "4"))
+    assert "worker done" in out
+    rows = sql(url, "SELECT id, status::text, attempts FROM procrastinate.procrastinate_jobs")
+    assert [(s, a) for _, s, a in rows] == [("failed", 2)]
+    errors = sql(url, "SELECT attempt, error FROM procrastinate.archopt_job_log ORDER BY id")
+    assert [e[0] for e in errors] == [1, 2] and all("cannot load model" in e[1] for e in errors)
+    r = run_cli("--db", url, "jobs", "--status", "failed", "--json")
+    doc = json.loads(r.out)
+    assert doc["counts"] == {"failed": 1} and "cannot load model" in doc["jobs"][0]["error"]
+    r = run_cli("--db", url, "jobs", "retry", rows[0][0])
+    assert r.code == 0 and "requeued 1 job(s)" in r.out
+    r = run_cli("--db", url, "jobs", "cancel", rows[0][0])
+    assert r.code == 0 and "cancelled 1 job(s)" in r.out
+    assert sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs") == [("cancelled",)]
+
+
+@pytest.mark.parametrize("args", [("jobs",), ("jobs", "retry", "1"), ("worker", "--max-jobs", "1"),
+                                  ("submit", "--model", "x", "--samples", "1")])
+def test_queue_commands_on_sqlite_say_they_need_postgres(run_cli, sqlite_url, args):
+    r = run_cli("--db", sqlite_url, *args)
+    assert r.code != 0
+    assert len(r.err_lines) == 1
+    assert "needs a PostgreSQL" in r.err and "archopt evaluate" in r.err
