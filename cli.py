@@ -271,7 +271,8 @@ def ingest(state: State, files: tuple[Path, ...], fmt: str | None, allow_limit: 
 @cli.command()
 @click.option("--model", "-m", default=None, help="Only this base model.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="File (default: stdout).")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File (default: stdout).")
 @pass_state
 def export(state: State, model: str | None, fmt: str, output: Path | None) -> None:
     """Write the archive (or one model) in an ingestable format.
@@ -805,7 +806,7 @@ def _queue_verify(state: State, doc: dict[str, Any], k: int, weights: str | None
     settings = _settings(",".join(wanted), data_dir, seq_len, max_tokens, max_questions, shots, ptb_split,
                          importance, "cpu", dtype, seed)
     archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in doc["results"][:k]]
-    report = _submit(state, doc["model"], archs, settings, weights, 0)
+    report = _submit(state, doc["model"], archs, settings, weights, 0, console=state.err)
     return {"jobs": report.enqueued, "in_archive": report.in_archive, "in_queue": report.in_queue}
 
 
@@ -1082,11 +1083,11 @@ def _queue_url(state: State) -> str:
 
 
 def _submit(state: State, model: str, archs: list[tuple[Any, str]], settings: Any, weights: str | None,
-            priority: int) -> Any:
+            priority: int, console: Console | None = None) -> Any:
     from .optimizer.jobs import submit as submit_jobs
     report = submit_jobs(state.archive, model, archs, settings, location=weights, priority=priority)
     note = "" if report.archive_checked else " (weights not reachable here: archive not checked, workers skip what it holds)"
-    state.out.print(f"enqueued {len(report.enqueued)} job(s); {report.in_archive} already in the archive, "
+    (console or state.out).print(f"enqueued {len(report.enqueued)} job(s); {report.in_archive} already in the archive, "
                     f"{report.in_queue} already queued or running{note}")
     return report
 
@@ -1218,10 +1219,10 @@ def jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: boo
       archopt jobs retry 17 18
       archopt jobs cancel 19
     """
+    if ctx.invoked_subcommand is not None:
+        return  # retry / cancel check the archive themselves
     state: State = ctx.obj
     url = _queue_url(state)
-    if ctx.invoked_subcommand is not None:
-        return
     from .optimizer.jobs import list_jobs
     doc = list_jobs(url, statuses, limit)
     if as_json:
@@ -1293,6 +1294,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file that cannot be written or read (--output into a missing folder)
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {where}{exc.strerror or exc}".splitlines()[0], err=True)
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
         if debug:
             traceback.print_exc()

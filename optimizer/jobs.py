@@ -247,6 +247,7 @@ class _WorkerState:
         self.archive: Archive | None = None
         self.campaigns: dict[Any, Any] = {}
         self.lock = threading.Lock()
+        self.load_lock = threading.Lock()
         self.running = 0
         self.finished = 0
         self.last_activity = time.monotonic()
@@ -293,11 +294,12 @@ def _evaluate(context: Any, model: str, location: str, arch_id: str, layers: lis
     values["data_dir"] = config.data_dir
     eval_settings = EvalSettings(**values)
     key = (location, model, eval_settings)
-    campaign = STATE.campaigns.get(key)
-    if campaign is None:
-        log.info("loading %s (%s) on %s", model, location, config.device)
-        campaign = Campaign(STATE.archive, location, eval_settings, model)
-        STATE.campaigns[key] = campaign
+    with STATE.load_lock:  # --concurrency > 1: one load per (model, settings)
+        campaign = STATE.campaigns.get(key)
+        if campaign is None:
+            log.info("loading %s (%s) on %s", model, location, config.device)
+            campaign = Campaign(STATE.archive, location, eval_settings, model)
+            STATE.campaigns[key] = campaign
     arch = from_layer_dicts(campaign.base.spec, layers)
     if arch.arch_id(campaign.name) != arch_id:
         raise QueueError(f"job architecture {arch_id[:12]} does not match the loaded model {campaign.name}")

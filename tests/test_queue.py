@@ -137,14 +137,28 @@ def test_two_workers_drain_the_queue_once_even_when_one_is_killed(run_cli, queue
     r = run_cli("--db", url, "jobs")
     assert r.code == 0 and "8 succeeded" in r.out and "rescuer" in r.out
     print(f"8 jobs in {elapsed:.1f}s (two worker starts, one kill -9 and a 3 s stall timeout included)")
+    # query --verify K --queue enqueues the top K instead of measuring them here; twice: nothing new
+    q = ("--db", url, "query", "--model", "tiny-gqa", "--params", "85%", "--tolerance", "15%", "--top", "3",
+         "--verify", "2", "--queue", "--json", "--data-dir", data_dir, "--importance", "l2", "--seq-len", "16")
+    r = run_cli(*q)
+    assert r.code == 0, r.err
+    assert r.out.strip(), r.err
+    queued = json.loads(r.out)["queued"]
+    assert len(queued["jobs"]) + queued["in_archive"] == min(2, len(json.loads(r.out)["results"]))
+    r = run_cli(*q)
+    assert r.code == 0 and json.loads(r.out)["queued"]["jobs"] == [], r.out
 
 
-def test_bad_model_path_fails_after_its_attempts(run_cli, queue_db, data_dir, tmp_path):
+def test_bad_model_path_fails_after_its_attempts_and_sigterm_finishes_the_job(run_cli, queue_db, data_dir,
+                                                                             tmp_path):
     url = queue_db
     r = submit(run_cli, url, data_dir, "--arch", "uniform:0.3", "--weights", str(tmp_path / "no-such-model"))
     assert r.code == 0 and "enqueued 1 job(s)" in r.out, r.out + r.err
-    out = finish(worker(url, data_dir, "--attempts", "2", "--idle-exit", "4"))
-    assert "worker done" in out
+    w = worker(url, data_dir, "--attempts", "2", delay=8)
+    deadline = time.monotonic() + 90
+    while sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs") != [("failed",)]:
+        assert time.monotonic() < deadline and w.poll() is None, "the bad job never failed"
+        time.sleep(0.3)
     rows = sql(url, "SELECT id, status::text, attempts FROM procrastinate.procrastinate_jobs")
     assert [(s, a) for _, s, a in rows] == [("failed", 2)]
     errors = sql(url, "SELECT attempt, error FROM procrastinate.archopt_job_log ORDER BY id")
@@ -152,11 +166,22 @@ def test_bad_model_path_fails_after_its_attempts(run_cli, queue_db, data_dir, tm
     r = run_cli("--db", url, "jobs", "--status", "failed", "--json")
     doc = json.loads(r.out)
     assert doc["counts"] == {"failed": 1} and "cannot load model" in doc["jobs"][0]["error"]
+    # SIGTERM while a job is in hand: the job finishes, then the worker exits
+    r = submit(run_cli, url, data_dir, "--arch", "uniform:0.5")
+    assert r.code == 0 and "enqueued 1 job(s)" in r.out, r.out + r.err
+    while eval_counts(url)[1] < 4:  # written; the worker is now in its test delay
+        assert time.monotonic() < deadline and w.poll() is None, "the good job never ran"
+        time.sleep(0.3)
+    w.send_signal(signal.SIGTERM)
+    out = finish(w, timeout=60)
+    assert "worker done: 3 job(s)" in out, out[-3000:]
+    assert sorted(sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs")) == [("failed",), ("succeeded",)]
     r = run_cli("--db", url, "jobs", "retry", rows[0][0])
     assert r.code == 0 and "requeued 1 job(s)" in r.out
     r = run_cli("--db", url, "jobs", "cancel", rows[0][0])
     assert r.code == 0 and "cancelled 1 job(s)" in r.out
-    assert sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs") == [("cancelled",)]
+    assert sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs WHERE id = %s", rows[0][0]) == [
+        ("cancelled",)]
 
 
 @pytest.mark.parametrize("args", [("jobs",), ("jobs", "retry", "1"), ("worker", "--max-jobs", "1"),
