@@ -116,6 +116,8 @@ class Archive:
             yield session
         except SQLAlchemyError as exc:
             raise ArchiveError(_describe(exc)) from exc
+        except OverflowError as exc:  # e.g. an id of 2**63 given to SQLite's driver
+            raise ArchiveError(_OVERFLOW) from exc
         finally:
             session.rollback()
             session.close()
@@ -134,6 +136,9 @@ class Archive:
         except SQLAlchemyError as exc:
             session.rollback()
             raise ArchiveError(_describe(exc)) from exc
+        except OverflowError as exc:
+            session.rollback()
+            raise ArchiveError(_OVERFLOW) from exc
         except BaseException:
             session.rollback()
             raise
@@ -216,6 +221,9 @@ class Archive:
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(712006)"))
                 conn.commit()
+
+
+_OVERFLOW = "a number is out of the archive's range (integers are at most 64-bit)"
 
 
 def _describe(exc: SQLAlchemyError) -> str:

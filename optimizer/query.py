@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from sqlalchemy import select
@@ -23,7 +23,7 @@ from archopt.archdb.protocol import METRICS
 from archopt.archdb.sizes import parse_size, parse_tolerance
 from archopt.archdb.store import spec_of
 
-from .training import PredictorError, Trained, ensure_predictors
+from .training import PredictorError, Trained, ensure_predictors, usable_rows
 
 SCHEMA = "archopt.query/1"
 
@@ -100,6 +100,11 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
     tolerance = parse_tolerance(request.tolerance)
     if target > total:
         raise PredictorError(f"target {target:,} is larger than {name} itself ({total:,} parameters)")
+    rows = usable_rows(archive, name, objectives, retrain=request.retrain)
+    if rows is not None:  # a repeated query: answered from the store without unpickling predictors
+        hit = stored_answer(archive, replace(request, model=name), target, tolerance, rows)
+        if hit is not None:
+            return {**hit, "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
     trained = ensure_predictors(archive, name, objectives, retrain=request.retrain)
     key = _query_key(request, name, target, tolerance, trained)
     with archive.read() as session:

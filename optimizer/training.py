@@ -183,6 +183,25 @@ def ensure_predictors(archive: Archive, model: str, metrics: Sequence[str], *, r
     return out
 
 
+def usable_rows(archive: Archive, model: str, metrics: Sequence[str], *, retrain: bool = True) -> dict[str, int] | None:
+    """Metric -> row id of the versions ``ensure_predictors`` would use without training, checked
+    from the database alone (no unpickling); None when any metric would need a new version."""
+    out: dict[str, int] = {}
+    with archive.read() as session:
+        base = reads.get_base_model(session, model)
+        for metric in metrics:
+            pid = reads.default_protocol(session, base, metric)
+            row = latest_row(session, base, metric, pid) if pid is not None else None
+            if row is None or (retrain and is_stale(session, row)):
+                return None
+            if (row.library_versions or {}).get("scikit-learn") != library_versions()["scikit-learn"]:
+                return None
+            if hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256:
+                return None
+            out[metric] = row.id
+    return out
+
+
 def predictor_rows(session: Session, model: str | None = None) -> list[dict[str, Any]]:
     q = select(m.PredictorVersion, m.BaseModel.name).join(m.BaseModel, m.BaseModel.id == m.PredictorVersion.base_model_id)
     if model:

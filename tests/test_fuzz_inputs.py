@@ -412,7 +412,8 @@ TOKENS = st.one_of(st.sampled_from(OPTIONS), HOSTILE_TEXT.filter(lambda s: "\x00
                    st.sampled_from(["tiny", "tiny2", "80%", "5B", "-1", "1e400", "ppl_wikitext2", "1", "0", "-5",
                                     "99999999999999999999", "jsonl", "csv", "nonexistent.jsonl", "abcdef01", "0001_initial",
                                     "--", "-", "head", "base", "ppl_wikitext2,ppl_ptb", "nan", "/", ".",
-                                    "/proc/none/x", "/proc/self/mem"]))
+                                    "/proc/none/x", "/proc/self/mem", "9223372036854775808",
+                                    "-9223372036854775809"]))
 
 
 def _writes_outside(argv: list[str]) -> bool:
