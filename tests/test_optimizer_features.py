@@ -1,6 +1,5 @@
 """Features: names, depth resampling, family comparability, importance inputs, vectorisation."""
 
-import time
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ failing a model that learnt only the size: a params-only ranking scores ~0.3 (~0
 
 import hashlib
 import io
-import time
 
 import joblib
 import numpy as np
