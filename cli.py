@@ -1294,6 +1294,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except UnicodeEncodeError:  # a path or name holding a lone surrogate (only possible in-process)
+        if debug:
+            traceback.print_exc()
+        click.echo("error: an argument holds characters that cannot be encoded (a lone surrogate)", err=True)
+        sys.exit(1)
     except OSError as exc:  # a file that cannot be written or read (--output into a missing folder)
         if debug:
             traceback.print_exc()

@@ -208,7 +208,7 @@ def kills(n: int, n_eval: int, pg: _Pg | None, folder: Path) -> dict:
         model_dir, data = tc.tiny_setup(folder / "tiny")
         for i in range(n_eval):
             one("evaluate_sqlite", tc.evaluate_kill_round, f"sqlite:///{folder / f'e{i}.db'}", model_dir, data,
-                rng.uniform(3.0, 12.0), folder / f"e{i}")
+                rng.uniform(3.0, 8.0), folder / f"e{i}")
     for kind, rows in out.items():
         landed = sum(r["killed"] for r in rows)
         print(f"  kill -9 {kind:<18} rounds {len(rows)}, landed {landed}, survived {len(rows)} "
