@@ -144,6 +144,7 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
         "predictor_protocols": {k: v.protocol_id for k, v in trained.items()},
         "predictors_stale": {k: v.stale for k, v in trained.items()},
         "predictors_retrained": [k for k, v in trained.items() if v.retrained],
+        "predictors_borrowed_from": {k: list(v.borrowed_from) for k, v in trained.items() if v.borrowed_from},
         "results": results,
         "stats": {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str))},
     }

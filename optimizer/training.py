@@ -78,6 +78,7 @@ class Trained:
     protocol_id: int
     stale: bool
     retrained: bool
+    borrowed_from: tuple[str, ...] = ()
 
 
 def latest_row(session: Session, base: m.BaseModel, metric: str, protocol_id: int) -> m.PredictorVersion | None:
@@ -163,7 +164,25 @@ def ensure_predictors(archive: Archive, model: str, metrics: Sequence[str], *, r
     for metric in metrics:
         with archive.read() as session:
             base = reads.get_base_model(session, model)
-            pid = protocol_for(session, base, metric, (protocols or {}).get(metric))
+            explicit = (protocols or {}).get(metric)
+            if explicit is None and own_pairs(session, base, metric) < MIN_TRAIN:
+                row = family_row(session, base, metric)
+                if row is not None and not force:
+                    try:
+                        predictor = loads(row)
+                    except StalePredictor:
+                        predictor = None
+                    if predictor is not None:
+                        out[metric] = Trained(predictor, row.version, row.id, row.protocol_id, False, False,
+                                              tuple((row.trained_on or {}).get("borrowed_from", [])))
+                        continue
+                with archive.write() as wsession:
+                    wbase = reads.get_base_model(wsession, model)
+                    new_row, predictor = train_family_version(wsession, wbase, metric, seed=seed)
+                    out[metric] = Trained(predictor, new_row.version, new_row.id, new_row.protocol_id, False, True,
+                                          tuple(new_row.trained_on["borrowed_from"]))
+                continue
+            pid = protocol_for(session, base, metric, explicit)
             row = latest_row(session, base, metric, pid)
             predictor: Predictor | None = None
             stale = False
@@ -190,16 +209,74 @@ def usable_rows(archive: Archive, model: str, metrics: Sequence[str], *, retrain
     with archive.read() as session:
         base = reads.get_base_model(session, model)
         for metric in metrics:
-            pid = reads.default_protocol(session, base, metric)
-            row = latest_row(session, base, metric, pid) if pid is not None else None
-            if row is None or (retrain and is_stale(session, row)):
-                return None
+            if own_pairs(session, base, metric) < MIN_TRAIN:
+                row = family_row(session, base, metric)
+                if row is None:
+                    return None
+            else:
+                pid = reads.default_protocol(session, base, metric)
+                row = latest_row(session, base, metric, pid) if pid is not None else None
+                if row is None or (retrain and is_stale(session, row)):
+                    return None
             if (row.library_versions or {}).get("scikit-learn") != library_versions()["scikit-learn"]:
                 return None
             if hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256:
                 return None
             out[metric] = row.id
     return out
+
+
+def own_pairs(session: Session, base: m.BaseModel, metric: str) -> int:
+    """Live evaluations of ``metric`` on ``base`` under its default protocol."""
+    pid = reads.default_protocol(session, base, metric)
+    return 0 if pid is None else len(reads.training_pairs(session, base, metric, pid))
+
+
+def family_row(session: Session, base: m.BaseModel, metric: str) -> m.PredictorVersion | None:
+    """The newest borrowed (family-feature) predictor version of ``base`` for ``metric``."""
+    return session.scalar(select(m.PredictorVersion).where(
+        m.PredictorVersion.base_model_id == base.id, m.PredictorVersion.metric == metric,
+        m.PredictorVersion.feature_set == "family").order_by(m.PredictorVersion.id.desc()).limit(1))
+
+
+def train_family_version(session: Session, base: m.BaseModel, metric: str, *,
+                         seed: int = 0) -> tuple[m.PredictorVersion, Predictor]:
+    """A predictor for a base model with too few evaluations of its own, learned from the other
+    base models of its family through depth-normalised ("family") features only. Its values rank
+    architectures; their scale is the source models' (their protocols, their tokenizers)."""
+    featurizer = Featurizer(feature_set="family")
+    parts, targets, eval_ids, names, sizes = [], [], [], [], {}
+    for other in session.scalars(select(m.BaseModel).where(m.BaseModel.family == base.family,
+                                                           m.BaseModel.id != base.id).order_by(m.BaseModel.id)):
+        pid = reads.default_protocol(session, other, metric)
+        pairs = reads.training_pairs(session, other, metric, pid) if pid is not None else []
+        if len(pairs) < MIN_TRAIN:
+            continue
+        spec = spec_of(other)
+        parts.append(featurizer.transform(encode([reads.architecture_of(a, other) for a, _, _ in pairs], spec)))
+        targets.extend(v for _, v, _ in pairs)
+        eval_ids.extend(e for _, _, e in pairs)
+        names.append(other.name)
+        sizes[pid] = sizes.get(pid, 0) + len(pairs)
+    if not parts:
+        raise PredictorError(f"{base.name}: fewer than {MIN_TRAIN} {metric} evaluations of its own and no other "
+                             f"{base.family} model in the archive to borrow a predictor from (run archopt evaluate)")
+    predictor = train_predictor(np.vstack(parts), np.array(targets), metric, seed=seed, featurizer=featurizer)
+    artifact, digest = dumps(predictor)
+    protocol_id = max(sizes, key=sizes.get)
+    previous = latest_row(session, base, metric, protocol_id)
+    row = m.PredictorVersion(
+        base_model_id=base.id, metric=metric, protocol_id=protocol_id,
+        version=(previous.version + 1) if previous else 1, algorithm=predictor.algorithm,
+        hyperparams=_jsonable(predictor.hyperparams), feature_set="family",
+        features={"names": predictor.feature_names, "bins": featurizer.bins},
+        trained_on={"evaluation_ids": eval_ids, "borrowed_from": names,
+                    "sha256": hashlib.sha256(",".join(map(str, eval_ids)).encode()).hexdigest()},
+        n_train=len(eval_ids), last_evaluation_id=max(eval_ids), cv=_jsonable(predictor.cv),
+        library_versions=library_versions(), artifact=artifact, artifact_sha256=digest, created_at=m.utcnow())
+    session.add(row)
+    session.flush()
+    return row, predictor
 
 
 def predictor_rows(session: Session, model: str | None = None) -> list[dict[str, Any]]:

@@ -29,8 +29,10 @@ TRUTH = SyntheticTruth(noise=0.01, seed=1)
 
 
 def fill(archive: Archive, n: int, seed: int = 0, model: str = "synth", spec: BaseSpec = SPEC) -> list:
+    """``n`` random measured architectures; the noise depends on ``seed`` only (not on test order)."""
     batch = random_archive(spec, n, seed)
-    ppl, mmlu = TRUTH.ppl(batch, noisy=True), TRUTH.mmlu(batch, noisy=True)
+    truth = SyntheticTruth(noise=TRUTH.noise, seed=seed + 1)
+    ppl, mmlu = truth.ppl(batch, noisy=True), truth.mmlu(batch, noisy=True)
     info = BaseModelInfo(model, spec, f"hash-{model}")
     records = [ArchRecord(model=model, base=info, architecture=a.layer_dicts(), origin="random",
                           values=(ValueRecord("ppl_wikitext2", float(p), PPL),
@@ -150,7 +152,7 @@ def test_two_objectives_and_mmlu_maximised(archive):
 
 def test_too_few_evaluations_and_unknown_metric_are_clear_errors(archive):
     fill(archive, 3)
-    with pytest.raises(PredictorError, match="at least"):
+    with pytest.raises(PredictorError, match="fewer than 5 ppl_wikitext2"):
         run_query(archive, QueryRequest(model="synth", params="80%"))
     with pytest.raises(PredictorError, match="ppl_ptb"):
         run_query(archive, QueryRequest(model="synth", params="80%", objectives=("ppl_ptb",)))
@@ -183,3 +185,30 @@ def test_cli_query_json_and_table(sqlite_url, run_cli):
     assert r.code == 0 and json.loads(r.out)["predictors"][0]["version"] == 1
     r = run_cli("--db", sqlite_url, "query", "--model", "synth", "--params", "120%")
     assert r.code != 0 and len(r.err_lines) == 1 and r.err_lines[0].startswith("error:") and "100%" in r.err
+
+
+def test_model_with_few_evaluations_borrows_a_family_predictor(archive):
+    """B (16 layers, 2 evaluations) borrows from A (12 layers, 150) through depth-normalised features:
+    the query answers, and the borrowed predictor ranks B's architectures better than chance."""
+    from scipy.stats import kendalltau
+    fill(archive, 150, model="synth")
+    spec_b = BaseSpec(family="llama", num_layers=16, hidden_size=96, num_heads=6, num_kv_heads=3, head_dim=16,
+                      intermediate_size=256, vocab_size=500)
+    fill(archive, 2, seed=9, model="synth-b", spec=spec_b)
+    doc = run_query(archive, QueryRequest(model="synth-b", params="80%", top=5))
+    assert doc["results"] and doc["predictors_borrowed_from"] == {"ppl_wikitext2": ["synth"]}
+    trained = ensure_predictors(archive, "synth-b", ["ppl_wikitext2"])["ppl_wikitext2"]
+    assert trained.borrowed_from == ("synth",) and not trained.retrained  # reused, not retrained each time
+    held_out = random_archive(spec_b, 200, seed=3)
+    predicted, _ = trained.predictor.predict_architectures(held_out)
+    tau = kendalltau(predicted, TRUTH.ppl(held_out)).statistic
+    params_tau = kendalltau(-held_out.params, TRUTH.ppl(held_out)).statistic
+    assert tau > 0.5 and tau > params_tau + 0.1
+    again = run_query(archive, QueryRequest(model="synth-b", params="80%", top=5))
+    assert again["served_from_store"]
+
+
+def test_no_family_to_borrow_from_is_a_clear_error(archive):
+    fill(archive, 2, model="lonely")
+    with pytest.raises(PredictorError, match="borrow"):
+        run_query(archive, QueryRequest(model="lonely", params="80%"))

@@ -14,6 +14,7 @@ from archopt.optimizer.encoding import encode
 from archopt.optimizer.loop import pick_to_verify, verify_loop
 from archopt.optimizer.query import QueryRequest
 
+from archopt.optimizer.synthetic import SyntheticTruth
 from test_query_archive import PPL, SPEC, TRUTH, fill
 
 
@@ -45,8 +46,10 @@ def test_verify_loop_measures_new_architectures_each_round_and_retrains(archive)
     target = int(0.75 * SPEC.total_params)
     measured: list[str] = []
 
+    truth = SyntheticTruth(noise=TRUTH.noise, seed=7)  # its own noise: independent of test order
+
     def measure(archs, picks, doc):
-        ppl = TRUTH.ppl(encode(archs, SPEC), noisy=True)
+        ppl = truth.ppl(encode(archs, SPEC), noisy=True)
         records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin="verify",
                               values=(ValueRecord("ppl_wikitext2", float(p), PPL),)) for a, p in zip(archs, ppl)]
         with archive.write() as session:
