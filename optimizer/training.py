@@ -113,21 +113,27 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
     if candidates:
         kwargs["candidates"] = tuple(candidates)
     predictor = train_predictor(X, y, metric, **kwargs)
+    row = _store_version(session, base, metric, protocol_id, predictor, "model", [e for _, _, e in pairs])
+    return row, predictor
+
+
+def _store_version(session: Session, base: m.BaseModel, metric: str, protocol_id: int, predictor: Predictor,
+                   feature_set: str, eval_ids: list[int], **trained_on: Any) -> m.PredictorVersion:
+    """Add the next version of (base, metric, protocol) with its artifact (caller's transaction)."""
     artifact, digest = dumps(predictor)
     previous = latest_row(session, base, metric, protocol_id)
-    eval_ids = [e for _, _, e in pairs]
     row = m.PredictorVersion(
         base_model_id=base.id, metric=metric, protocol_id=protocol_id,
         version=(previous.version + 1) if previous else 1, algorithm=predictor.algorithm,
-        hyperparams=_jsonable(predictor.hyperparams), feature_set="model",
-        features={"names": predictor.feature_names, "bins": featurizer.bins},
-        trained_on={"evaluation_ids": eval_ids,
+        hyperparams=_jsonable(predictor.hyperparams), feature_set=feature_set,
+        features={"names": predictor.feature_names, "bins": predictor.featurizer.bins},
+        trained_on={"evaluation_ids": eval_ids, **trained_on,
                     "sha256": hashlib.sha256(",".join(map(str, eval_ids)).encode()).hexdigest()},
-        n_train=len(pairs), last_evaluation_id=max(eval_ids), cv=_jsonable(predictor.cv),
+        n_train=len(eval_ids), last_evaluation_id=max(eval_ids), cv=_jsonable(predictor.cv),
         library_versions=library_versions(), artifact=artifact, artifact_sha256=digest, created_at=m.utcnow())
     session.add(row)
     session.flush()
-    return row, predictor
+    return row
 
 
 def _jsonable(value: Any) -> Any:
@@ -262,20 +268,8 @@ def train_family_version(session: Session, base: m.BaseModel, metric: str, *,
         raise PredictorError(f"{base.name}: fewer than {MIN_TRAIN} {metric} evaluations of its own and no other "
                              f"{base.family} model in the archive to borrow a predictor from (run archopt evaluate)")
     predictor = train_predictor(np.vstack(parts), np.array(targets), metric, seed=seed, featurizer=featurizer)
-    artifact, digest = dumps(predictor)
-    protocol_id = max(sizes, key=sizes.get)
-    previous = latest_row(session, base, metric, protocol_id)
-    row = m.PredictorVersion(
-        base_model_id=base.id, metric=metric, protocol_id=protocol_id,
-        version=(previous.version + 1) if previous else 1, algorithm=predictor.algorithm,
-        hyperparams=_jsonable(predictor.hyperparams), feature_set="family",
-        features={"names": predictor.feature_names, "bins": featurizer.bins},
-        trained_on={"evaluation_ids": eval_ids, "borrowed_from": names,
-                    "sha256": hashlib.sha256(",".join(map(str, eval_ids)).encode()).hexdigest()},
-        n_train=len(eval_ids), last_evaluation_id=max(eval_ids), cv=_jsonable(predictor.cv),
-        library_versions=library_versions(), artifact=artifact, artifact_sha256=digest, created_at=m.utcnow())
-    session.add(row)
-    session.flush()
+    row = _store_version(session, base, metric, max(sizes, key=sizes.get), predictor, "family", eval_ids,
+                         borrowed_from=names)
     return row, predictor
 
 
