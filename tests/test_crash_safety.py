@@ -136,14 +136,7 @@ def tiny_setup(root: Path) -> tuple[Path, Path]:
     """A tiny saved model and a local data folder (as tests/test_campaign_cli.py builds them)."""
     import tiny_models as tm
     model_dir = tm.save_tiny("llama_gqa_odd", root / "tiny-gqa")
-    data = root / "data"
-    lines = [line for line in tm.CORPUS.splitlines() if line.strip()]
-    (data / "wikitext-2").mkdir(parents=True)
-    (data / "wikitext-2" / "wiki.test.raw").write_text("".join(f" {line} \n \n" for line in lines * 3))
-    (data / "ptb").mkdir()
-    ptb = "".join(f" {line.lower()} \n" for line in lines * 3)
-    for split in ("train", "valid", "test"):
-        (data / "ptb" / f"ptb.{split}.txt").write_text(ptb)
+    data = tm.write_local_data(root / "data")
     return model_dir, data
 
 

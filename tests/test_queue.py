@@ -32,15 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    lines = [line for line in tm.CORPUS.splitlines() if line.strip()]
-    (root / "wikitext-2").mkdir()
-    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(f" {line} \n \n" for line in lines * 3))
-    (root / "ptb").mkdir()
-    ptb = "".join(f" {line.lower()} \n" for line in lines * 3)
-    for split in ("train", "valid", "test"):
-        (root / "ptb" / f"ptb.{split}.txt").write_text(ptb)
-    return root
+    return tm.write_local_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -78,13 +78,7 @@ def test_query_rounds_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     from test_campaign_cli import counts, evaluate
     monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
     model_dir = tm.save_tiny("llama_gqa_odd", tmp_path / "tiny-gqa")
-    data_dir = tmp_path / "data"
-    lines = [line for line in tm.CORPUS.splitlines() if line.strip()]
-    (data_dir / "wikitext-2").mkdir(parents=True)
-    (data_dir / "wikitext-2" / "wiki.test.raw").write_text("".join(f" {line} \n \n" for line in lines * 3))
-    (data_dir / "ptb").mkdir()
-    for split in ("train", "valid", "test"):
-        (data_dir / "ptb" / f"ptb.{split}.txt").write_text("".join(f" {line.lower()} \n" for line in lines * 3))
+    data_dir = tm.write_local_data(tmp_path / "data")
     r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "8", "--params", "80%", "--seed", "1")
     assert r.code == 0, r.err
     _, before = counts(sqlite_url)

@@ -120,3 +120,16 @@ def padded_batch(vocab: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.T
     ids[1, :5] = 2
     mask[1, :5] = 0
     return ids, mask
+
+
+def write_local_data(root: str | Path) -> Path:
+    """A small data folder laid out like ../shared/data (WikiText-2 raw test, PTB train/valid/test)."""
+    root = Path(root)
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    (root / "wikitext-2").mkdir(parents=True, exist_ok=True)
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(f" {line} \n \n" for line in lines * 3))
+    (root / "ptb").mkdir(exist_ok=True)
+    ptb = "".join(f" {line.lower()} \n" for line in lines * 3)
+    for split in ("train", "valid", "test"):
+        (root / "ptb" / f"ptb.{split}.txt").write_text(ptb)
+    return root
