@@ -716,14 +716,19 @@ def print_query(state: State, doc: dict[str, Any]) -> None:
               help="With --verify: rounds of query -> verify K new architectures -> retrain.")
 @click.option("--explore", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="With --rounds > 1: verify by predicted - EXPLORE x uncertainty (active learning).")
+@click.option("--screen", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --rounds: measure N candidates per round on a cheap fidelity (an eighth of the "
+                   "tokens) and verify the K best of those.")
+@click.option("--screen-tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens of the cheap fidelity (default: an eighth of the full protocol's).")
 @click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location).")
 @click.option("--json", "as_json", is_flag=True, help="Print the archopt.query/1 JSON document.")
 @eval_options
 @server_options
 @pass_state
 def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
-          explain: bool, no_retrain: bool, verify: int, to_queue: bool, rounds: int, explore: float, weights: str | None,
-          as_json: bool, metrics: str,
+          explain: bool, no_retrain: bool, verify: int, to_queue: bool, rounds: int, explore: float, screen: int,
+          screen_tokens: int | None, weights: str | None, as_json: bool, metrics: str,
           data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
           ptb_split: str, importance: str, device: str | None, dtype: str | None, server: str | None,
           token: str | None) -> None:
@@ -738,6 +743,7 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
       archopt query --model ptb-llama-8l --params 80% --top 5
       archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
       archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --screen 24 --data-dir ../shared/data
       archopt query --model ptb-llama-8l --params 80% --server http://127.0.0.1:8000
     """
     objective_names = tuple(x.strip() for x in objectives.split(",") if x.strip())
@@ -745,14 +751,18 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
         if not verify or rounds > 1 or server:
             raise UserError("--queue goes with --verify K (one round, without --server)")
         _queue_url(state)
-    if rounds > 1:
+    if (screen or screen_tokens) and rounds < 2 and not verify:
+        raise UserError("--screen goes with --verify K (and --rounds R)")
+    if rounds > 1 or screen:
         if not verify or server:
-            raise UserError("--rounds needs --verify K (and runs on this machine, without --server)")
+            raise UserError("--rounds and --screen need --verify K (and run on this machine, without --server)")
+        eval_args = (weights, metrics, data_dir, seq_len, max_tokens, max_questions, shots, ptb_split, importance,
+                     device, dtype, seed)
         _query_rounds(state, model, params_text, tolerance, objective_names, top, seed, not no_retrain, verify,
                       rounds, explore, as_json,
-                      lambda d, k, campaigns: verify_results(
-                          state, d, k, weights, metrics, data_dir, seq_len, max_tokens, max_questions, shots,
-                          ptb_split, importance, device, dtype, seed, show=not as_json, campaigns=campaigns))
+                      lambda d, k, campaigns: verify_results(state, d, k, *eval_args, show=not as_json,
+                                                             campaigns=campaigns),
+                      lambda d, campaigns: verify_campaign(state, d, *eval_args, campaigns), screen, screen_tokens)
         return
     if server:
         if verify:
@@ -812,8 +822,9 @@ def _queue_verify(state: State, doc: dict[str, Any], k: int, weights: str | None
 
 def _query_rounds(state: State, model: str, params_text: str, tolerance: str, objectives: tuple[str, ...],
                   top: int, seed: int, retrain: bool, verify: int, rounds: int, explore: float, as_json: bool,
-                  verify_fn: Any) -> None:
-    """``query --verify K --rounds R``: optimizer.loop.verify_loop, measuring with one loaded model."""
+                  verify_fn: Any, campaign_fn: Any = None, screen: int = 0, screen_tokens: int | None = None) -> None:
+    """``query --verify K --rounds R [--screen N]``: optimizer.loop.verify_loop, measuring with one
+    loaded model (``campaign_fn(doc, campaigns)`` gives it for screening)."""
     from .optimizer.loop import verify_loop
     from .optimizer.query import QueryRequest
     request = QueryRequest(model=model, params=params_text, tolerance=tolerance, objectives=objectives,
@@ -830,7 +841,30 @@ def _query_rounds(state: State, model: str, params_text: str, tolerance: str, ob
             raise UserError("verification measured nothing (see above); stopping the rounds")
         verified.extend(got)
 
-    report = verify_loop(state.archive, request, verify=verify, rounds=rounds, measure=measure, explore=explore)
+    def measure_cheap(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> list[float | None]:
+        found = campaign_fn(doc, campaigns)
+        if found is None:
+            raise UserError("screening cannot load the base model (see above); stopping the rounds")
+        campaign, _ = found
+        obj = objectives[0]
+        if campaign.screener is None:
+            from .optimizer.campaign import CampaignError
+            try:
+                key = campaign.enable_screening(obj, screen_tokens)
+            except CampaignError as exc:
+                raise UserError(str(exc)) from None
+            lo, hi = doc["window"]
+            paired = campaign.calibrate_screening(obj, int(lo * 0.95), int(hi * 1.05))
+            if not as_json:
+                tokens = campaign.screener.tasks[obj].protocol.tokens
+                state.err.print(f"screening {obj} on {tokens:,} tokens (protocol {key[:12]}); "
+                                f"{paired} archived architectures measured on it for pairing")
+        if not as_json:
+            state.err.print(f"round: screening {len(archs)} candidates of query #{doc['query_id']}")
+        return campaign.screen_values(archs, obj)
+
+    report = verify_loop(state.archive, request, verify=verify, rounds=rounds, measure=measure, explore=explore,
+                         screen=screen, measure_cheap=measure_cheap if screen else None)
     import dataclasses
     from .optimizer.query import run_query
     # the final answer, from predictors that learned from every round
@@ -845,17 +879,15 @@ def _query_rounds(state: State, model: str, params_text: str, tolerance: str, ob
     best = min((v for v in verified if v["measured"].get(obj) is not None),
                key=lambda v: v["measured"][obj] * (1 if obj.startswith(("ppl", "kl")) else -1), default=None)
     state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"
+                    + (f", {report.screened} screened" if screen else "")
                     + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))
 
 
-def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
-                   data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
-                   ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int,
-                   show: bool = True, campaigns: dict[Any, Any] | None = None) -> list[Any]:
-    """Measure the top ``k`` of a query for real; prints predicted against measured (``show``).
-
-    ``campaigns``: a dict kept across calls (rounds) so the base model is loaded once per settings."""
-    from .archdb.arch import from_layer_dicts
+def verify_campaign(state: State, doc: dict[str, Any], weights: str | None, metrics: str,
+                    data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None,
+                    shots: int, ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int,
+                    campaigns: dict[Any, Any] | None = None) -> tuple[Any, Any] | None:
+    """(Campaign, base spec) measuring under the query's predictor protocols, or None (said why)."""
     from .archdb.reads import get_base_model
     from .optimizer.campaign import Campaign, CampaignError
     with state.archive.read() as session:
@@ -867,7 +899,7 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
                                                           and not location.startswith((".", "/")))):
         state.err.print(f"cannot verify: the weights of {doc['model']} are not reachable "
                         f"({location or 'no location recorded'}); pass --weights PATH")
-        return []
+        return None
     # Measure under the predictors' own protocols, so the next query learns from the results.
     from .archdb.reads import protocol_dict
     with state.archive.read() as session:
@@ -891,9 +923,25 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
             campaign = Campaign(state.archive, location, settings, doc["model"])
         except (CampaignError, OSError) as exc:
             state.err.print(f"cannot verify: {str(exc).splitlines()[0]}")
-            return []
+            return None
         if campaigns is not None:
             campaigns[key] = campaign
+    return campaign, spec
+
+
+def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | None, metrics: str,
+                   data_dir: Path | None, seq_len: int, max_tokens: int | None, max_questions: int | None, shots: int,
+                   ptb_split: str, importance: str, device: str | None, dtype: str | None, seed: int,
+                   show: bool = True, campaigns: dict[Any, Any] | None = None) -> list[Any]:
+    """Measure the top ``k`` of a query for real; prints predicted against measured (``show``).
+
+    ``campaigns``: a dict kept across calls (rounds) so the base model is loaded once per settings."""
+    from .archdb.arch import from_layer_dicts
+    found = verify_campaign(state, doc, weights, metrics, data_dir, seq_len, max_tokens, max_questions, shots,
+                            ptb_split, importance, device, dtype, seed, campaigns)
+    if found is None:
+        return []
+    campaign, spec = found
     top = doc["results"][:k]
     archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in top]
     report = run_campaign(state, campaign, archs, "verifying")
@@ -913,7 +961,7 @@ def verify_results(state: State, doc: dict[str, Any], k: int, weights: str | Non
                 if mm.metric in measured:
                     measured[mm.metric] = mm.value
             out.append({"arch_id": r["arch_id"], "predicted": r["predicted"], "measured": measured})
-            table.add_row(str(r["rank"]), r["arch_id"][:10], *[f"{r['predicted'][o]:.4g}" for o in doc["objectives"]],
+            table.add_row(str(r.get("rank") or "n"), r["arch_id"][:10], *[f"{r['predicted'][o]:.4g}" for o in doc["objectives"]],
                           *[_cell(measured[o]) for o in doc["objectives"]])
     if show:
         state.out.print(table)

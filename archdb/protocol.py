@@ -90,6 +90,15 @@ class Protocol:
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def is_cheaper_fidelity_of(self, other: "Protocol") -> bool:
+        """True when this protocol measures the same text the same way as ``other``, on fewer
+        tokens (e.g. the first 1,024 of the 8,192 that ``other`` reads): a cheap fidelity of it,
+        whose values rank architectures much like ``other``'s (``archopt query --screen``)."""
+        same = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "questions", "shots", "tool")
+        if any(getattr(self, f) != getattr(other, f) for f in same):
+            return False
+        return self.tokens is not None and other.tokens is not None and self.tokens < other.tokens
+
     def describe(self) -> str:
         parts = [self.dataset]
         if self.split:

@@ -57,15 +57,36 @@ def get_base_model(session: Session, name: str) -> m.BaseModel:
 
 
 def default_protocol(session: Session, base: m.BaseModel, metric: str) -> int | None:
-    """The protocol with the most live evaluations of ``metric`` on ``base`` (ties: the newest)."""
+    """The protocol with the most live evaluations of ``metric`` on ``base`` (ties: the newest),
+    leaving out cheap fidelities (``Protocol.is_cheaper_fidelity_of``) of another protocol that
+    has values: screening measures many architectures on a few tokens, but the full protocol stays
+    the one predictors and answers are about."""
     q = (select(m.Evaluation.protocol_id, func.count().label("n"), func.max(m.Evaluation.id).label("last"))
          .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
          .where(m.Architecture.base_model_id == base.id, m.Evaluation.metric == metric,
                 m.Evaluation.retracted_at.is_(None))
          .group_by(m.Evaluation.protocol_id)
-         .order_by(func.count().desc(), func.max(m.Evaluation.id).desc()).limit(1))
-    row = session.execute(q).first()
-    return None if row is None else int(row[0])
+         .order_by(func.count().desc(), func.max(m.Evaluation.id).desc()))
+    rows = [(int(pid), int(n)) for pid, n, _ in session.execute(q)]
+    if len(rows) <= 1:
+        return rows[0][0] if rows else None
+    protocols = {pid: protocol_of(session.get(m.Protocol, pid)) for pid, _ in rows}
+    for pid, _ in rows:
+        if not any(protocols[pid].is_cheaper_fidelity_of(protocols[o]) for o, _ in rows if o != pid):
+            return pid
+    return rows[0][0]
+
+
+def cheaper_fidelities(session: Session, base: m.BaseModel, metric: str, protocol_id: int) -> list[int]:
+    """Protocols holding live values of ``metric`` on ``base`` that are cheap fidelities of
+    ``protocol_id`` (same text and window, fewer tokens), most tokens first."""
+    q = (select(m.Evaluation.protocol_id).distinct()
+         .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
+         .where(m.Architecture.base_model_id == base.id, m.Evaluation.metric == metric,
+                m.Evaluation.retracted_at.is_(None), m.Evaluation.protocol_id != protocol_id))
+    full = protocol_of(session.get(m.Protocol, protocol_id))
+    found = [(protocol_of(session.get(m.Protocol, int(pid))), int(pid)) for pid in session.scalars(q)]
+    return [pid for p, pid in sorted(found, key=lambda t: -(t[0].tokens or 0)) if p.is_cheaper_fidelity_of(full)]
 
 
 def metrics_of(session: Session, base: m.BaseModel) -> list[str]:
@@ -224,6 +245,36 @@ def measured_keys(session: Session, base: m.BaseModel, protocol_keys: list[str])
          .where(m.Architecture.base_model_id == base.id, m.Protocol.key.in_(protocol_keys),
                 m.Evaluation.retracted_at.is_(None)))
     return {(a, b, c) for a, b, c in session.execute(q)}
+
+
+def values_under(session: Session, base: m.BaseModel, arch_hashes: list[str], metric: str,
+                 protocol_key: str) -> dict[str, float]:
+    """Architecture hash -> newest live value of ``metric`` under the protocol with key ``protocol_key``."""
+    out: dict[str, float] = {}
+    for start in range(0, len(arch_hashes), 2000):
+        q = (select(m.Architecture.arch_hash, m.Evaluation.value)
+             .join(m.Evaluation, m.Evaluation.architecture_id == m.Architecture.id)
+             .join(m.Protocol, m.Protocol.id == m.Evaluation.protocol_id)
+             .where(m.Architecture.base_model_id == base.id, m.Architecture.arch_hash.in_(arch_hashes[start:start + 2000]),
+                    m.Evaluation.metric == metric, m.Protocol.key == protocol_key,
+                    m.Evaluation.retracted_at.is_(None))
+             .order_by(m.Evaluation.id))
+        out.update({h: float(v) for h, v in session.execute(q)})
+    return out
+
+
+def archs_lacking(session: Session, base: m.BaseModel, metric: str, have_key: str, lack_key: str, lo: int, hi: int,
+                  limit: int) -> list[Architecture]:
+    """Up to ``limit`` architectures of ``base`` in ``[lo, hi]`` parameters with a live value of
+    ``metric`` under protocol ``have_key`` and none under ``lack_key`` (newest first)."""
+    def measured(key: str) -> Any:
+        return (select(m.Evaluation.architecture_id).join(m.Protocol, m.Protocol.id == m.Evaluation.protocol_id)
+                .where(m.Evaluation.metric == metric, m.Protocol.key == key, m.Evaluation.retracted_at.is_(None)))
+    q = (select(m.Architecture).where(m.Architecture.base_model_id == base.id, m.Architecture.params >= lo,
+                                      m.Architecture.params <= hi, m.Architecture.id.in_(measured(have_key)),
+                                      m.Architecture.id.not_in(measured(lack_key)))
+         .order_by(m.Architecture.id.desc()).limit(limit))
+    return [architecture_of(row, base) for row in session.scalars(q)]
 
 
 def arch_importance(session: Session, base: m.BaseModel, arch_hash: str) -> str | None:

@@ -79,9 +79,13 @@ class CachedEvaluator:
         return out
 
     def all_rows(self) -> list[tuple[str, int, dict[str, float]]]:
+        """(architecture, params, metric -> value) of every cached measurement under these protocols."""
+        keys = {m: t.protocol.key() for m, t in self.tasks.items()}
         out = []
         for arch, params, blob in self.db.execute("SELECT arch, params, measurements FROM cache"):
-            out.append((arch, int(params), {m.metric: m.value for m in pickle.loads(blob)}))
+            values = {m.metric: m.value for m in pickle.loads(blob) if keys.get(m.metric) == m.protocol.key()}
+            if values:
+                out.append((arch, int(params), values))
         return out
 
 
@@ -127,6 +131,11 @@ class Bench:
         self.cache = CachedEvaluator(self.campaign.evaluator, self.work / "cache.sqlite",
                                      self.campaign.base.config_hash)
         self.campaign.evaluator = self.cache
+        # the cheap fidelity of archopt's screening (query --screen): WikiText-2 on an eighth of the tokens
+        self.campaign.enable_screening("ppl_wikitext2", args.screen_tokens)
+        self.screener = CachedEvaluator(self.campaign.screener, self.work / "cache-screen.sqlite",
+                                        self.campaign.base.config_hash)
+        self.campaign.screener = None
         self.base_values = self.measure_one(self._full())
 
     def _full(self) -> Any:
@@ -274,7 +283,7 @@ def method_paper(bench: Bench, target: int, lo: int, tol: float, seed: int, k: i
     rng = np.random.default_rng(seed + 1000)
     cand, ok = narrowed.repair(narrowed.sample(10000, rng), lo, target)
     cand = cand.take(np.flatnonzero(ok))
-    run.cheap = len(cand)
+    run.notes["predictor_scored"] = len(cand)
     pred = gbdt.predict(np.c_[cand.attn_frac, cand.mlp_frac])
     order = np.argsort(pred)
     picked = []
@@ -291,32 +300,41 @@ def method_paper(bench: Bench, target: int, lo: int, tol: float, seed: int, k: i
 
 
 def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, name: str, explore: float,
-                   initial: int, verify: int) -> MethodRun:
-    """archopt's own loop: Campaign.run (archopt evaluate) then verify_loop (query --verify --rounds)."""
+                   initial: int, verify: int, screen: int = 0) -> MethodRun:
+    """archopt's own loop: Campaign.run (archopt evaluate) then verify_loop (query --verify K
+    --rounds R [--screen N]), through the same Campaign methods the CLI calls."""
     from archopt.archdb import reads
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import QueryRequest
     run = MethodRun(name, target, lo, bench.args.budget)
     t = time.perf_counter()
     campaign, archive = bench.bind_archive(bench.work / f"{name}-{target}-{seed}.sqlite")
+    campaign.screener = bench.screener if screen else None
+    screened: set[str] = set()
     try:
         first = random_archs(bench, target, tol, bench.args.budget, seed)[:initial]
-        campaign.run([(a, "random") for a in first])
+        campaign.run([(a, "random") for a in first])   # also measures the cheap fidelity when screening
         bench.measure(run, first)   # served from the cache: records the values for this method's view
-        cheap = []
+        scored = []
 
         def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
-            cheap.append(int(doc.get("stats", {}).get("candidates_scored", 0)))
+            scored.append(int(doc.get("stats", {}).get("candidates_scored", 0)))
             campaign.run([(a, "verify") for a in archs])
             bench.measure(run, archs)
 
+        def measure_cheap(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> list[float | None]:
+            screened.update(a.canonical_json() for a in archs)
+            return campaign.screen_values(archs, "ppl_wikitext2")
+
         request = QueryRequest(model=campaign.name, params=target, tolerance=tol, seed=seed)
         left = run.left()
-        report = verify_loop(archive, request, verify=verify, rounds=math.ceil(left / verify), measure=measure,
-                             budget=left, explore=explore)
-        run.cheap = sum(cheap)
+        report = verify_loop(archive, request, verify=verify, rounds=left, measure=measure, budget=left,
+                             explore=explore, screen=screen, measure_cheap=measure_cheap if screen else None)
+        if screen:
+            screened.update(key for key in run.seen)   # each full evaluation also measured the cheap one
+        run.cheap = len(screened)
         run.notes.update(rounds=len(report.rounds), stopped=report.stopped, explore=explore, initial=initial,
-                         verify=verify)
+                         verify=verify, screen=screen, predictor_scored=sum(scored))
         with archive.read() as session:   # the archive holds exactly what this method measured
             base = reads.get_base_model(session, campaign.name)
             run.notes["archive_archs"] = len(reads.measured_keys(
@@ -358,9 +376,14 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
         tr = pool[:size]
         pred = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz)
         mean, _ = pred.predict(X[test])
+        trees = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz,
+                                candidates=("gbdt", "random_forest", "extra_trees", "hist_gbdt"))
+        mean_trees, _ = trees.predict(X[test])
         out["points"].append({"train": size, "test": int(n_test), "kendall_tau": round(kendall_tau(mean, y[test]), 4),
                               "spearman": round(spearman(mean, y[test]), 4),
-                              "params_only_kendall_tau": round(base_tau, 4), "algorithm": pred.algorithm})
+                              "params_only_kendall_tau": round(base_tau, 4), "algorithm": pred.algorithm,
+                              "trees_only_kendall_tau": round(kendall_tau(mean_trees, y[test]), 4),
+                              "trees_only_algorithm": trees.algorithm})
     return out
 
 
@@ -411,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archopt-initial", type=float, default=0.5, help="share of B measured before the rounds")
     ap.add_argument("--archopt-verify", type=int, default=None, help="K per round (default B/8)")
     ap.add_argument("--explore", type=float, default=1.0, help="archopt's active-learning weight (0 = off)")
-    ap.add_argument("--methods", default="uniform,random,tpe,nsga2,paper,archopt,archopt-exploit")
+    ap.add_argument("--screen", type=int, default=None, help="archopt's cheap screens per round (default 6K)")
+    ap.add_argument("--screen-tokens", type=int, default=None, help="tokens of the cheap fidelity (default 1/8)")
+    ap.add_argument("--methods", default="uniform,random,tpe,nsga2,paper,archopt,archopt-noscreen")
     ap.add_argument("--quick", action="store_true", help="B=24, the first target, one seed")
     ap.add_argument("--work", default=None, help="folder for the cache and archives (default under results/)")
     ap.add_argument("--out", default=None)
@@ -434,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     k_paper = args.paper_k or max(2, round(18 * B / 64))
     initial = max(5, round(args.archopt_initial * B))
     verify = args.archopt_verify or max(2, B // 8)
+    screen = args.screen if args.screen is not None else 6 * verify
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
@@ -454,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "paper":
                     runs.append(method_paper(bench, target, lo, tol, seed, k_paper))
                 elif name == "archopt":
-                    runs.append(method_archopt(bench, target, lo, tol, seed, "archopt", args.explore, initial, verify))
+                    runs.append(method_archopt(bench, target, lo, tol, seed, "archopt", args.explore, initial, verify,
+                                               screen))
+                elif name == "archopt-noscreen":
+                    runs.append(method_archopt(bench, target, lo, tol, seed, name, args.explore, initial, verify))
                 elif name == "archopt-exploit":
-                    runs.append(method_archopt(bench, target, lo, tol, seed, "archopt-exploit", 0.0, initial, verify))
+                    runs.append(method_archopt(bench, target, lo, tol, seed, name, 0.0, initial, verify, screen))
                 else:
                     raise SystemExit(f"unknown method {name!r}")
                 s = summarize(runs[-1], base)
@@ -477,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
            "settings": {"budget": B, "seeds": args.seeds, "targets": args.targets, "tolerance": tol,
                         "max_tokens": args.max_tokens, "seq_len": 128, "importance": "taylor",
                         "paper_k": k_paper, "archopt_initial": initial, "archopt_verify": verify,
-                        "explore": args.explore},
+                        "explore": args.explore, "archopt_screen": screen,
+                        "screen_tokens": bench.screener.tasks["ppl_wikitext2"].protocol.tokens},
            "base": base, "params_base": spec.total_params, "machine": machine(),
            "measurements": {"measured": bench.cache.measured, "cache_hits": bench.cache.hits,
                             "measure_seconds": round(bench.cache.seconds, 1)},

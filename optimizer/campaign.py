@@ -107,6 +107,28 @@ class Campaign:
             self.base.tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
             max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
             ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+        self.screener: Any = None
+
+    def enable_screening(self, metric: str, tokens: int | None = None) -> str:
+        """Prepare a cheap fidelity of ``metric``: the same text and window on the first ``tokens``
+        tokens (default: an eighth of the full protocol's, at least 8 windows). From then on ``run``
+        also measures it (so full and cheap values pair up) and ``screen`` measures it alone.
+        Returns the cheap protocol's key."""
+        from archopt import evaluators as ev
+        task = self.evaluator.tasks.get(metric)
+        if task is None or not metric.startswith("ppl"):
+            raise CampaignError(f"screening needs a perplexity metric that this run measures, not {metric!r}")
+        full_tokens = int(task.protocol.tokens or 0)
+        seq = self.settings.seq_len
+        if tokens is None:
+            tokens = max(8 * seq, full_tokens // 8)
+        if tokens >= full_tokens:
+            raise CampaignError(f"screening reads fewer tokens than the full protocol ({full_tokens:,}); "
+                                f"got {tokens:,}")
+        self.screener = ev.Evaluator(
+            self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq, max_tokens=tokens,
+            ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens")
+        return self.screener.tasks[metric].protocol.key()
 
     def bind(self, archive: Archive) -> "Campaign":
         """The same loaded model, importance and tasks, writing to another archive (registered there
@@ -132,9 +154,45 @@ class Campaign:
 
     def run(self, archs: Sequence[tuple[Architecture, str]],
             on_result: Callable[[int, int, ArchResult], Any] | None = None) -> CampaignReport:
-        """Measure each (architecture, origin) not yet in the archive under these protocols."""
+        """Measure each (architecture, origin) not yet in the archive under these protocols (and
+        under the cheap screening protocol too, once ``enable_screening`` was called)."""
+        report = self._measure(archs, self.evaluator, on_result)
+        if self.screener is not None:
+            self._measure(archs, self.screener, None)
+        return report
+
+    def screen(self, archs: Sequence[Architecture],
+               on_result: Callable[[int, int, ArchResult], Any] | None = None) -> CampaignReport:
+        """Measure only the cheap screening fidelity of each architecture (``enable_screening``)."""
+        if self.screener is None:
+            raise CampaignError("screening is not enabled for this run")
+        return self._measure([(a, "screen") for a in archs], self.screener, on_result)
+
+    def screen_values(self, archs: Sequence[Architecture], metric: str) -> list[float | None]:
+        """``screen`` then the cheap value of each architecture (from the archive when it was
+        measured before): ``measure_cheap`` for ``optimizer.loop.verify_loop``."""
+        self.screen(archs)
+        key = self.screener.tasks[metric].protocol.key()
+        with self.archive.read() as session:
+            base_row = reads.get_base_model(session, self.name)
+            values = reads.values_under(session, base_row, [a.arch_id(self.name) for a in archs], metric, key)
+        return [values.get(a.arch_id(self.name)) for a in archs]
+
+    def calibrate_screening(self, metric: str, lo: int, hi: int, limit: int = 16) -> int:
+        """Screen up to ``limit`` architectures in ``[lo, hi]`` parameters that have a full value of
+        ``metric`` but no cheap one, so full and cheap values pair up from the first round (a few
+        seconds). Returns how many were measured."""
+        full_key = self.evaluator.tasks[metric].protocol.key()
+        cheap_key = self.screener.tasks[metric].protocol.key()
+        with self.archive.read() as session:
+            base_row = reads.get_base_model(session, self.name)
+            archs = reads.archs_lacking(session, base_row, metric, full_key, cheap_key, lo, hi, limit)
+        return self.screen(archs).evaluated
+
+    def _measure(self, archs: Sequence[tuple[Architecture, str]], evaluator: Any,
+                 on_result: Callable[[int, int, ArchResult], Any] | None) -> CampaignReport:
         report = CampaignReport(self.name)
-        wanted = self.protocol_keys()
+        wanted = {metric: task.protocol.key() for metric, task in evaluator.tasks.items()}
         with self.archive.read() as session:
             base_row = reads.get_base_model(session, self.name)
             done = reads.measured_keys(session, base_row, list(wanted.values()))
@@ -146,7 +204,7 @@ class Campaign:
                 result = ArchResult(arch_id, arch, [], True, 0.0)
             else:
                 start = time.perf_counter()
-                measurements = self.evaluator.evaluate_architecture(self.base, arch, self.importance)
+                measurements = evaluator.evaluate_architecture(self.base, arch, self.importance)
                 seconds = time.perf_counter() - start
                 with self.archive.write() as session:
                     stored = reads.get_base_model(session, self.name)

@@ -41,6 +41,7 @@ class QueryRequest:
     explain: bool = False
     retrain: bool = True
     candidates: int = 20000
+    fill: bool = False      # after the Pareto front, the next best candidates up to ``top`` (rounds)
 
 
 def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
@@ -67,6 +68,8 @@ def query_key(request: QueryRequest, model: str, target: int, tolerance: float,
                "objectives": list(request.objectives), "top": request.top, "seed": request.seed,
                "explain": request.explain, "candidates": request.candidates,
                "predictors": dict(sorted(predictor_rows.items()))}
+    if request.fill:
+        payload["fill"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -119,7 +122,11 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
     result = search(spec, {k: v.predictor for k, v in trained.items()}, target_params=target,
                     tolerance=tolerance, objectives=objectives, seed=request.seed, warm_start=warm,
                     n_candidates=request.candidates, n_top=request.top, size_objective=True)
+    front_ids = {id(c) for c in result.front}
     candidates = result.front[:request.top]
+    if request.fill and len(candidates) < request.top:
+        seen = {c.architecture.canonical_json() for c in candidates}
+        candidates += [c for c in result.ranked if c.architecture.canonical_json() not in seen][:request.top - len(candidates)]
     results = []
     with archive.read() as session:
         base = reads.get_base_model(session, name)
@@ -134,7 +141,7 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
             "measured": {k: values.get(k) for k in objectives},
             "measured_protocol": {k: (trained[k].protocol_id if values.get(k) is not None else None)
                                   for k in objectives},
-            "sketch": cand.architecture.sketch(), "origin": cand.origin,
+            "sketch": cand.architecture.sketch(), "origin": cand.origin, "on_front": id(cand) in front_ids,
             "layers": cand.architecture.layer_dicts()})
     doc: dict[str, Any] = {
         "schema": SCHEMA, "query_id": None, "model": name, "target_params": target,

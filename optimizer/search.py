@@ -395,6 +395,48 @@ def _offspring(space: SearchSpace, rng: np.random.Generator, parents_kv: np.ndar
     return space.project(LayerBatch(s, full_kv, full_inter))
 
 
+def neighbours(spec: BaseSpec, predictors: Mapping[str, Any], parents: Sequence[Architecture], *,
+               target_params: int, tolerance: float = 0.02, objectives: Sequence[str] = ("ppl_wikitext2",),
+               n: int = 32, children: int = 2000, seed: int = 0, step: float = 0.8,
+               exclude: Sequence[Architecture] = ()) -> list[Candidate]:
+    """The ``n`` most promising close variants of ``parents`` (e.g. the best measured architectures),
+    by predicted first objective: children by crossover and small mutations (``step`` in [0, 1]:
+    1 = the search's finest steps), repaired into the size window, ``exclude`` left out.
+
+    A predictor is most trustworthy next to what was measured, so rounds that verify here move in
+    small, safe steps from the incumbents (a trust region), where the global search may chase an
+    extrapolation.
+    """
+    if not parents:
+        return []
+    target = int(target_params)
+    lo, hi = size_window(target, tolerance)
+    space = build_space(spec)
+    rng = np.random.default_rng(seed)
+    par = space.project(encode(list(parents), spec))
+    kids = _offspring(space, rng, par.kv, par.inter, max(1, children), float(np.clip(step, 0.0, 1.0)))
+    kids, ok = space.repair(kids, lo, hi)
+    kids = kids.take(np.flatnonzero(ok))
+    if not len(kids):
+        return []
+    keys = np.c_[kids.kv, kids.inter]
+    _, first = np.unique(keys, axis=0, return_index=True)
+    kids = kids.take(np.sort(first))
+    skip = {a.canonical_json() for a in list(parents) + list(exclude)}
+    archs = [a for a in kids.architectures() if a.canonical_json() not in skip]
+    if not archs:
+        return []
+    batch = encode(archs, spec)
+    scorer = _Scorer(predictors, objectives)
+    means, stds = scorer.full(batch)
+    first_obj = objectives[0]
+    sign = 1.0 if metric_direction(first_obj) == "minimize" else -1.0
+    order = np.argsort(sign * means[first_obj], kind="stable")[:max(0, n)]
+    return [Candidate(architecture=archs[i], params=int(batch.params[i]), fraction=float(batch.params[i] / spec.total_params),
+                      predicted={m: float(v[i]) for m, v in means.items()},
+                      uncertainty={m: float(v[i]) for m, v in stds.items()}, origin="neighbour") for i in order]
+
+
 # -- entry point ------------------------------------------------------------------------------
 def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int, tolerance: float = 0.02,
            objectives: Sequence[str] = ("ppl_wikitext2",), seed: int = 0,

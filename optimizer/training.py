@@ -5,6 +5,13 @@ joblib artifact lives in the archive with its sha256 and the library versions th
 Loading checks the hash (a mismatch is refused) and the scikit-learn version (a mismatch means
 retrain); nothing is ever unpickled from outside the archive. A version is stale when the archive
 holds live evaluations it has not seen (or retracted one it learned from).
+
+Cheap fidelities. When the archive also holds values of the metric under a cheap fidelity of the
+protocol (the same text on fewer tokens: ``archopt query --screen``), a version learns from them
+too: a line fitted on architectures measured both ways (on the predictor's scale, log for
+perplexities) maps each cheap-only value onto the full protocol's scale, and those rows join the
+training set. The line, its correlation and the rows used are recorded in ``trained_on``; new
+cheap values make a version stale like new full ones.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from .features import Featurizer
 from .predictors import Predictor, train_predictor
 
 MIN_TRAIN = 5
+MIN_FIDELITY_PAIRS = 8      # architectures measured both ways before cheap values are mapped
+MIN_FIDELITY_CORR = 0.6     # and the two must agree at least this well (Pearson, model scale)
 
 
 class PredictorError(ArchoptError, RuntimeError):
@@ -87,14 +96,66 @@ def latest_row(session: Session, base: m.BaseModel, metric: str, protocol_id: in
         m.PredictorVersion.protocol_id == protocol_id).order_by(m.PredictorVersion.version.desc()).limit(1))
 
 
-def is_stale(session: Session, row: m.PredictorVersion) -> bool:
-    """True when the live evaluations of its (metric, protocol) differ from what it learned."""
+def _signature(session: Session, base_id: int, metric: str, protocol_ids: Sequence[int]) -> list[int]:
+    """[count, last id] of the live evaluations of ``metric`` under ``protocol_ids``."""
+    if not protocol_ids:
+        return [0, 0]
     q = (select(func.count(), func.max(m.Evaluation.id))
          .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
-         .where(m.Architecture.base_model_id == row.base_model_id, m.Evaluation.metric == row.metric,
-                m.Evaluation.protocol_id == row.protocol_id, m.Evaluation.retracted_at.is_(None)))
+         .where(m.Architecture.base_model_id == base_id, m.Evaluation.metric == metric,
+                m.Evaluation.protocol_id.in_(list(protocol_ids)), m.Evaluation.retracted_at.is_(None)))
     count, last = session.execute(q).one()
-    return int(count) != row.n_train or int(last or 0) != row.last_evaluation_id
+    return [int(count), int(last or 0)]
+
+
+def is_stale(session: Session, row: m.PredictorVersion) -> bool:
+    """True when the live evaluations of its (metric, protocol), or of the protocol's cheap
+    fidelities, differ from what it learned."""
+    count, last = _signature(session, row.base_model_id, row.metric, [row.protocol_id])
+    if count != row.n_train or last != row.last_evaluation_id:
+        return True
+    if row.feature_set != "model":
+        return False
+    base = session.get(m.BaseModel, row.base_model_id)
+    cheap = reads.cheaper_fidelities(session, base, row.metric, row.protocol_id)
+    learned = (row.trained_on or {}).get("fidelity_signature", [0, 0])
+    return _signature(session, base.id, row.metric, cheap) != list(learned)
+
+
+def fidelity_rows(session: Session, base: m.BaseModel, metric: str, protocol_id: int,
+                  pairs: Sequence[tuple[m.Architecture, float, int]]) -> tuple[list[tuple[m.Architecture, float, int]], dict[str, Any]]:
+    """Cheap-fidelity values of architectures without a full value, mapped onto the full scale.
+
+    Uses the cheap protocol with the most tokens that has at least ``MIN_FIDELITY_PAIRS``
+    architectures measured both ways and a correlation of at least ``MIN_FIDELITY_CORR``. Returns
+    the mapped rows and a JSON-ready record (``{}`` when no cheap protocol qualifies).
+    """
+    from .predictors import _forward, _inverse, metric_transform
+    cheap_ids = reads.cheaper_fidelities(session, base, metric, protocol_id)
+    record: dict[str, Any] = {"fidelity_signature": _signature(session, base.id, metric, cheap_ids)}
+    full = {a.id: v for a, v, _ in pairs}
+    kind = metric_transform(metric)
+    for pid in cheap_ids:
+        cheap = reads.training_pairs(session, base, metric, pid)
+        both = [(v, full[a.id]) for a, v, _ in cheap if a.id in full]
+        if len(both) < MIN_FIDELITY_PAIRS:
+            continue
+        x = _forward(np.array([c for c, _ in both]), kind)
+        y = _forward(np.array([f for _, f in both]), kind)
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            continue
+        corr = float(np.corrcoef(x, y)[0, 1])
+        slope, intercept = np.polyfit(x, y, 1)
+        if not (corr >= MIN_FIDELITY_CORR and slope > 0):
+            continue
+        only = [(a, v, e) for a, v, e in cheap if a.id not in full]
+        mapped = _inverse(intercept + slope * _forward(np.array([v for _, v, _ in only]), kind), kind) if only else []
+        rows = [(a, float(v), e) for (a, _, e), v in zip(only, mapped)]
+        record["fidelity"] = {"protocol_id": pid, "pairs": len(both), "rows": len(rows),
+                              "slope": float(slope), "intercept": float(intercept), "corr": corr,
+                              "evaluation_ids": [e for _, _, e in rows]}
+        return rows, record
+    return [], record
 
 
 def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id: int, *, seed: int = 0,
@@ -105,15 +166,18 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
         raise PredictorError(f"{base.name}: only {len(pairs)} live {metric} evaluations under protocol "
                              f"#{protocol_id}; a predictor needs at least {MIN_TRAIN} (run archopt evaluate)")
     spec = spec_of(base)
-    archs = [reads.architecture_of(a, base) for a, _, _ in pairs]
+    cheap, record = fidelity_rows(session, base, metric, protocol_id, pairs)
+    rows = list(pairs) + cheap
+    archs = [reads.architecture_of(a, base) for a, _, _ in rows]
     featurizer = Featurizer.for_spec(spec, "model")
     X = featurizer.transform(encode(archs, spec))
-    y = np.array([v for _, v, _ in pairs])
+    y = np.array([v for _, v, _ in rows])
     kwargs: dict[str, Any] = {"seed": seed, "featurizer": featurizer}
     if candidates:
         kwargs["candidates"] = tuple(candidates)
     predictor = train_predictor(X, y, metric, **kwargs)
-    row = _store_version(session, base, metric, protocol_id, predictor, "model", [e for _, _, e in pairs])
+    row = _store_version(session, base, metric, protocol_id, predictor, "model", [e for _, _, e in pairs],
+                         **record)
     return row, predictor
 
 

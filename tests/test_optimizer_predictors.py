@@ -66,8 +66,9 @@ def test_ranks_candidates_of_one_size(data, ppl_predictor):
 def test_metadata_scale_and_importances(ppl_predictor):
     p = ppl_predictor
     assert p.transform == "log" and p.direction == "minimize"
-    assert p.algorithm in ("gbdt", "random_forest", "extra_trees", "hist_gbdt")
-    assert set(p.cv["candidates"]) == {"gbdt", "random_forest", "extra_trees", "hist_gbdt"}
+    assert p.algorithm in ("gbdt", "random_forest", "extra_trees", "hist_gbdt", "gp")
+    assert set(p.cv["candidates"]) == {"gbdt", "random_forest", "extra_trees", "hist_gbdt", "gp"}
+    assert p.cv["kendall_tau"] == max(c["kendall_tau"] for c in p.cv["candidates"].values())
     for key in ("r2", "mae", "kendall_tau", "spearman", "r2_transformed", "folds"):
         assert key in p.cv
     assert p.n_train == 200 and isinstance(p.hyperparams, dict) and p.hyperparams
@@ -142,3 +143,26 @@ def test_training_records_its_time_and_shape():
     y = np.exp(1 + X[:, :5].sum(1) + 0.05 * rng.normal(size=200))
     p = train_predictor(X, y, "ppl_x", seed=0)
     assert p.train_seconds > 0 and p.n_train == 200 and p.n_features == 80
+
+
+def test_gaussian_process_predictor(data):
+    """The GP ranks from few rows (the case archives start in), gives a posterior std, ranks its
+    inputs by ARD relevance, and survives joblib."""
+    tr, te, fz = data
+    X = fz.transform(tr)[:40]
+    y = TRUTH.ppl(tr, noisy=True)[:40]
+    p = train_predictor(X, y, "ppl_wikitext2", seed=0, featurizer=fz, candidates=("gp",))
+    assert p.algorithm == "gp" and p.hyperparams["inputs"] == 2 * SMALL.num_layers   # per-layer fractions
+    mean, std = p.predict(fz.transform(te))
+    assert kendall_tau(mean, TRUTH.ppl(te)) >= 0.6 and np.all(std > 0)
+    near, far = p.predict(X[:5])[1], std
+    assert near.mean() < far.mean()          # less uncertain where it was trained
+    imp = p.feature_importances()
+    assert sum(imp.values()) == pytest.approx(1.0)
+    assert all(n.startswith(("attn_l", "mlp_l")) for n, v in imp.items() if v > 0)
+    buf = io.BytesIO()
+    joblib.dump(p, buf)
+    loaded = joblib.load(io.BytesIO(buf.getvalue()))
+    np.testing.assert_array_equal(loaded.predict(X[:3])[0], p.predict(X[:3])[0])
+    # with 40 rows (below GP_REFIT_ROWS) every CV fold fits its own kernel: honest, not perfect
+    assert 0.3 < p.cv["kendall_tau"] < 0.99

@@ -175,3 +175,32 @@ def test_llama7b_shape_speed():
     assert res.stats["feasible_share"] > 0.9
     assert res.stats["seconds"] < 10.0
     assert 4.9e9 <= res.best.params <= 5e9
+
+
+def test_neighbours_are_close_variants_in_the_window_ranked_by_prediction():
+    from archopt.optimizer.search import neighbours
+    target = int(0.75 * SMALL.total_params)
+    lo, hi = size_window(target, 0.02)
+    space = build_space(SMALL)
+    parents, ok = space.repair(space.sample(4, np.random.default_rng(0)), lo, hi)
+    parents = parents.take(np.flatnonzero(ok)).architectures()
+    preds = oracle("ppl_x")
+    found = neighbours(SMALL, preds, parents, target_params=target, objectives=("ppl_x",), n=20, seed=1)
+    assert 10 <= len(found) <= 20
+    keys = [c.architecture.canonical_json() for c in found]
+    assert len(set(keys)) == len(keys) and not set(keys) & {p.canonical_json() for p in parents}
+    assert all(lo <= c.params <= hi and c.origin == "neighbour" for c in found)
+    values = [c.predicted["ppl_x"] for c in found]
+    assert values == sorted(values)
+    # close to a parent: far closer than fresh random architectures of the same size
+    par = encode(parents, SMALL)
+
+    def dist(batch):
+        d = np.abs(batch.mlp_frac[:, None, :] - par.mlp_frac[None]).sum(-1) + \
+            np.abs(batch.attn_frac[:, None, :] - par.attn_frac[None]).sum(-1)
+        return d.min(1)
+
+    rand, ok = space.repair(space.sample(200, np.random.default_rng(3)), lo, hi)
+    rand = rand.take(np.flatnonzero(ok))
+    assert np.median(dist(encode([c.architecture for c in found], SMALL))) < 0.5 * np.median(dist(rand))
+    assert neighbours(SMALL, preds, [], target_params=target, objectives=("ppl_x",)) == []

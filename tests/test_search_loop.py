@@ -90,4 +90,4 @@ def test_query_rounds_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     _, after = counts(sqlite_url)
     assert after == before + 4 * 2      # 4 new architectures x 2 metrics
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--rounds", "2")
-    assert r.code != 0 and "--rounds needs --verify" in r.err
+    assert r.code != 0 and "--rounds and --screen need --verify" in r.err
