@@ -346,10 +346,12 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
 
 
 # --- predictor learning curve --------------------------------------------------------------------
-def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: int = 0) -> dict[str, Any]:
+def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: int = 0, repeats: int = 5) -> dict[str, Any]:
     """Kendall tau / Spearman on held-out architectures within +-5% of ``target``, from every
-    architecture this run measured (any method), for the product's predictor and a params-only
-    baseline (more parameters = lower perplexity)."""
+    architecture this run measured (any method), for the product's predictor, the same training
+    restricted to tree ensembles (without the Gaussian process) and a params-only baseline (more
+    parameters = lower perplexity). Each point is the mean over ``repeats`` random splits (a
+    quarter held out, at least 20)."""
     from archopt.archdb.arch import from_layer_dicts
     from archopt.optimizer.encoding import encode
     from archopt.optimizer.features import Featurizer
@@ -357,33 +359,38 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
     rows = [(json.loads(a), p, v) for a, p, v in bench.cache.all_rows()
             if abs(p / target - 1) <= 0.05 and "ppl_wikitext2" in v]
     n = len(rows)
-    out: dict[str, Any] = {"available": n, "points": []}
+    out: dict[str, Any] = {"available": n, "repeats": repeats, "points": []}
     if n < 30:
         return out
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_test = max(20, n // 4)
-    test, pool = order[:n_test], order[n_test:]
     archs = [from_layer_dicts(bench.spec, r[0]) for r in rows]
     y = np.array([r[2]["ppl_wikitext2"] for r in rows])
     fz = Featurizer.for_spec(bench.spec, "model")
     X = fz.transform(encode(archs, bench.spec))
     params = np.array([r[1] for r in rows], dtype=float)
-    base_tau = kendall_tau(-params[test], y[test])
+    n_test = max(20, n // 4)
+    trees = ("gbdt", "random_forest", "extra_trees", "hist_gbdt")
     for size in sizes:
-        if size > len(pool):
+        if size > n - n_test:
             break
-        tr = pool[:size]
-        pred = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz)
-        mean, _ = pred.predict(X[test])
-        trees = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz,
-                                candidates=("gbdt", "random_forest", "extra_trees", "hist_gbdt"))
-        mean_trees, _ = trees.predict(X[test])
-        out["points"].append({"train": size, "test": int(n_test), "kendall_tau": round(kendall_tau(mean, y[test]), 4),
-                              "spearman": round(spearman(mean, y[test]), 4),
-                              "params_only_kendall_tau": round(base_tau, 4), "algorithm": pred.algorithm,
-                              "trees_only_kendall_tau": round(kendall_tau(mean_trees, y[test]), 4),
-                              "trees_only_algorithm": trees.algorithm})
+        got: dict[str, list[float]] = {"kendall_tau": [], "spearman": [], "trees_only_kendall_tau": [],
+                                       "params_only_kendall_tau": []}
+        algos = []
+        for rep in range(repeats):
+            order = np.random.default_rng(seed + rep).permutation(n)
+            test, tr = order[:n_test], order[n_test:n_test + size]
+            pred = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz)
+            mean, _ = pred.predict(X[test])
+            tree = train_predictor(X[tr], y[tr], "ppl_wikitext2", seed=seed, featurizer=fz, candidates=trees)
+            got["kendall_tau"].append(kendall_tau(mean, y[test]))
+            got["spearman"].append(spearman(mean, y[test]))
+            got["trees_only_kendall_tau"].append(kendall_tau(tree.predict(X[test])[0], y[test]))
+            got["params_only_kendall_tau"].append(kendall_tau(-params[test], y[test]))
+            algos.append(pred.algorithm)
+        point = {"train": size, "test": int(n_test), "algorithms": algos}
+        for key, values in got.items():
+            point[key] = round(float(np.mean(values)), 4)
+            point[key + "_sd"] = round(float(np.std(values)), 4)
+        out["points"].append(point)
     return out
 
 
@@ -434,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archopt-initial", type=float, default=0.5, help="share of B measured before the rounds")
     ap.add_argument("--archopt-verify", type=int, default=None, help="K per round (default B/8)")
     ap.add_argument("--explore", type=float, default=1.0, help="archopt's active-learning weight (0 = off)")
-    ap.add_argument("--screen", type=int, default=None, help="archopt's cheap screens per round (default 6K)")
+    ap.add_argument("--screen", type=int, default=None, help="archopt-screen's cheap screens per round (default 6K)")
     ap.add_argument("--screen-tokens", type=int, default=None, help="tokens of the cheap fidelity (default 1/8)")
-    ap.add_argument("--methods", default="uniform,random,tpe,nsga2,paper,archopt,archopt-noscreen")
+    ap.add_argument("--methods", default="uniform,random,tpe,nsga2,paper,archopt",
+                    help="comma-separated; also archopt-screen (archopt with --screen) and archopt-exploit")
     ap.add_argument("--quick", action="store_true", help="B=24, the first target, one seed")
     ap.add_argument("--work", default=None, help="folder for the cache and archives (default under results/)")
     ap.add_argument("--out", default=None)
@@ -480,12 +488,12 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "paper":
                     runs.append(method_paper(bench, target, lo, tol, seed, k_paper))
                 elif name == "archopt":
-                    runs.append(method_archopt(bench, target, lo, tol, seed, "archopt", args.explore, initial, verify,
-                                               screen))
-                elif name == "archopt-noscreen":
                     runs.append(method_archopt(bench, target, lo, tol, seed, name, args.explore, initial, verify))
+                elif name == "archopt-screen":
+                    runs.append(method_archopt(bench, target, lo, tol, seed, name, args.explore, initial, verify,
+                                               screen))
                 elif name == "archopt-exploit":
-                    runs.append(method_archopt(bench, target, lo, tol, seed, name, 0.0, initial, verify, screen))
+                    runs.append(method_archopt(bench, target, lo, tol, seed, name, 0.0, initial, verify))
                 else:
                     raise SystemExit(f"unknown method {name!r}")
                 s = summarize(runs[-1], base)
@@ -499,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {target_text} seed {seed}: {bench.cache.measured - m0} new measurements, "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         curves[target_text] = learning_curve(bench, target)
-        print(f"  learning curve {target_text}: {curves[target_text]}", flush=True)
+        print(f"  learning curve {target_text}: {format_curve(curves[target_text])}", flush=True)
     summary = aggregate(results, methods)
     doc = {"schema": "archopt.bench.search_quality/1", "model": model_name, "model_path": args.model,
            "date": date, "command": "python benchmarks/search_quality.py " + " ".join(argv or sys.argv[1:]),
@@ -516,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(doc, indent=2))
     print_table(summary)
+    for target_text, curve in curves.items():
+        print(f"learning curve {target_text}: {format_curve(curve)}")
     print(f"wrote {out_path} ({doc['seconds']:.0f}s, {bench.cache.measured} measurements, "
           f"{bench.cache.hits} cache hits)")
     return 0
@@ -558,6 +568,15 @@ def aggregate(results: list[dict[str, Any]], methods: list[str]) -> list[dict[st
                              d_ratio_vs_best_other_median=_med(ratios_o), d_ratio_vs_best_other=ratios_o)
             out.append(entry)
     return out
+
+
+def format_curve(curve: dict[str, Any]) -> str:
+    points = curve.get("points", [])
+    if not points:
+        return f"{curve.get('available', 0)} architectures within +-5%: too few"
+    return f"{curve['available']} archs within +-5%, held-out Kendall tau (trees only / params only): " + ", ".join(
+        f"{p['train']} pairs {p['kendall_tau']:.3f}±{p['kendall_tau_sd']:.3f} "
+        f"({p['trees_only_kendall_tau']:.3f} / {p['params_only_kendall_tau']:.3f})" for p in points)
 
 
 def _med(values: list[float]) -> float | None:

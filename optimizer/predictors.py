@@ -2,10 +2,12 @@
 
 ``train_predictor`` follows the seed paper (a GBDT on per-layer pruning ratios) but lets k-fold
 cross-validation choose among a few tree ensembles and a Gaussian process, because archives are
-small and which model wins depends on the data. The Gaussian process (``gp``: an ARD RBF kernel
-plus white noise on the standardised per-layer kept fractions) is the most sample-efficient on
-pruning data: on ptb-llama-8l it ranks held-out architectures with Kendall tau 0.85 from 25
-measured ones where a GBDT reaches 0.68 (benchmarks/README.md). Perplexity-like metrics (names starting with ``ppl`` or ``kl``; lower is
+small and which model wins depends on the data; the candidate whose out-of-fold predictions rank
+best (Kendall tau) wins. The Gaussian process (``gp``: an ARD RBF kernel plus white noise on the
+standardised per-layer kept fractions; a candidate up to ``GP_MAX_ROWS`` training rows, since its
+fit grows as n^3) is the most sample-efficient on pruning data: on ptb-llama-8l it ranks held-out
+architectures with Kendall tau 0.85 from 25 measured ones where a GBDT reaches 0.68
+(benchmarks/README.md). Perplexity-like metrics (names starting with ``ppl`` or ``kl``; lower is
 better) are modelled on log scale, where the effect of pruning is closer to additive; accuracies
 (``mmlu`` and anything else; higher is better) as they are.
 
@@ -46,6 +48,7 @@ _GP_COLUMNS = re.compile(r"^(attn|mlp)_l\d+$")
 _GP_FALLBACK = re.compile(r"^((attn|mlp)_p\d+|param_frac)$")
 _KL_EPS = 1e-4
 GP_REFIT_ROWS = 80
+GP_MAX_ROWS = 400   # above, the GP's O(n^3) fit costs more than it gains over trees: not a candidate
 
 
 _CONTROLLER = None
@@ -374,6 +377,8 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     if len(feature_names) != X.shape[1]:
         raise ValueError(f"{len(feature_names)} feature names for {X.shape[1]} features")
     candidates = list(dict.fromkeys(candidates))
+    if n > GP_MAX_ROWS and len(candidates) > 1:
+        candidates = [c for c in candidates if c != "gp"]
     if not candidates:
         raise ValueError("no candidate algorithms")
     for c in candidates:

@@ -91,3 +91,35 @@ def test_query_rounds_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     assert after == before + 4 * 2      # 4 new architectures x 2 metrics
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--rounds", "2")
     assert r.code != 0 and "--rounds and --screen need --verify" in r.err
+
+
+@pytest.mark.parametrize("local", [0.0, 1.0])
+def test_trust_region_share_and_distinct_picks(archive, local):
+    """``local=1``: every verified candidate is a close variant of a measured incumbent; ``local=0``:
+    none is. Picks of one round keep ``min_distance`` between them."""
+    from archopt.optimizer.loop import layer_distance
+    from archopt.archdb.store import spec_of
+    from archopt.archdb import reads
+    fill(archive, 30)
+    with archive.read() as session:
+        spec = spec_of(reads.get_base_model(session, "synth"))
+    info = BaseModelInfo("synth", SPEC, "hash-synth")
+    target = int(0.75 * SPEC.total_params)
+    truth = SyntheticTruth(noise=TRUTH.noise, seed=9)
+    rounds: list[list[dict]] = []
+
+    def measure(archs, picks, doc):
+        rounds.append(picks)
+        ppl = truth.ppl(encode(archs, SPEC), noisy=True)
+        records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin="verify",
+                              values=(ValueRecord("ppl_wikitext2", float(p), PPL),)) for a, p in zip(archs, ppl)]
+        with archive.write() as session:
+            ingest_records(session, records)
+
+    verify_loop(archive, QueryRequest(model="synth", params=target, candidates=3000), verify=4, rounds=2,
+                measure=measure, local=local, min_distance=0.01)
+    picks = [p for r in rounds for p in r]
+    assert len(picks) == 8
+    assert all((p["origin"] == "neighbour") == (local == 1.0) for p in picks)
+    for r in rounds:
+        assert all(layer_distance(a, b, spec) >= 0.01 for i, a in enumerate(r) for b in r[i + 1:])
