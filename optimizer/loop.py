@@ -158,7 +158,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     ``measure(architectures, picks, doc)`` must prune, measure and store the architectures in
     ``archive`` under the predictors' protocols (``picks``: their rows of the query document
     ``doc``). ``budget`` caps the total number of architectures measured.
-    ``pool``: how many query results to choose from (default ``max(4 * verify, request.top)``).
+    ``pool``: how many query results to choose from (default ``max(4 * verify, 2 * screen, request.top)``).
     Each round uses seed ``request.seed + round`` so the search explores anew.
     ``screen`` > 0: measure that many fresh candidates per round with ``measure_cheap(architectures,
     picks, doc)`` (their cheap values, None where unmeasured) and verify the best screened ones.

@@ -246,6 +246,10 @@ class Predictor:
     def predict_transformed(self, X: np.ndarray) -> np.ndarray:
         """Mean prediction on the model scale (log for ppl/kl)."""
         X = self._check(X)
+        if self.algorithm == "gp":
+            fast = _gp_mean(self.model, X)
+            if fast is not None:
+                return fast
         with single_thread():
             return self.model.predict(X)
 
@@ -324,6 +328,29 @@ def _raw_importances(p: Predictor) -> np.ndarray:
         y = model.predict(X)
         res = permutation_importance(model, X, y, n_repeats=3, random_state=p.seed)
         return np.maximum(res.importances_mean, 0.0)
+
+
+def _gp_mean(model: Any, X: np.ndarray) -> np.ndarray | None:
+    """The GP pipeline's posterior mean through one matrix product (the search scores tens of
+    thousands of candidates; scikit-learn's kernel call goes through ``cdist``, 4-5x slower here).
+    None when the model is not the fitted ``_gp`` pipeline this expects (then use ``predict``)."""
+    try:
+        cols = list(model.named_steps["columns"].columns)
+        scaler = model.named_steps["scale"]
+        gp = model.named_steps["gp"]
+        kernel = gp.kernel_
+        const, rbf = kernel.k1.k1, kernel.k1.k2
+        if not (isinstance(const, ConstantKernel) and isinstance(rbf, RBF) and isinstance(kernel.k2, WhiteKernel)):
+            return None
+        ls = np.asarray(rbf.length_scale, dtype=float)
+        A = scaler.transform(np.asarray(X, dtype=float)[:, cols]) / ls
+        B = gp.X_train_ / ls
+        sq = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
+        K = const.constant_value * np.exp(-0.5 * np.maximum(sq, 0.0))
+        mean = K @ np.asarray(gp.alpha_).reshape(len(B), -1)[:, 0]
+        return mean * float(np.ravel(gp._y_train_std)[0]) + float(np.ravel(gp._y_train_mean)[0])
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _gp_importances(model: Pipeline, n_features: int) -> np.ndarray:

@@ -43,6 +43,16 @@ def fill(archive: Archive, n: int, seed: int = 0, model: str = "synth", spec: Ba
     return batch.architectures()
 
 
+def record_ppl(archive: Archive, archs, values, protocol: Protocol = PPL, origin: str = "verify",
+               model: str = "synth", spec: BaseSpec = SPEC) -> None:
+    """Store one ``ppl_wikitext2`` value per architecture under ``protocol`` (a test's measurement)."""
+    info = BaseModelInfo(model, spec, f"hash-{model}")
+    records = [ArchRecord(model=model, base=info, architecture=a.layer_dicts(), origin=origin,
+                          values=(ValueRecord("ppl_wikitext2", float(v), protocol),)) for a, v in zip(archs, values)]
+    with archive.write() as session:
+        ingest_records(session, records)
+
+
 @pytest.fixture
 def archive(sqlite_url):
     a = Archive(sqlite_url)

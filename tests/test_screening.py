@@ -11,14 +11,12 @@ import pytest
 
 from archopt.archdb import Archive, reads
 from archopt.archdb.protocol import Protocol
-from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord
-from archopt.archdb.store import ingest_records
 from archopt.optimizer.encoding import encode
 from archopt.optimizer.loop import verify_loop
 from archopt.optimizer.query import QueryRequest
 from archopt.optimizer.synthetic import SyntheticTruth, random_archive
 from archopt.optimizer.training import ensure_predictors, is_stale, latest_row
-from test_query_archive import PPL, SPEC, TRUTH, fill
+from test_query_archive import PPL, SPEC, TRUTH, fill, record_ppl
 
 CHEAP = dataclasses.replace(PPL, tokens=1024)
 
@@ -28,14 +26,6 @@ def archive(sqlite_url):
     a = Archive(sqlite_url)
     yield a
     a.close()
-
-
-def _write(archive, archs, values, protocol, origin="random"):
-    info = BaseModelInfo("synth", SPEC, "hash-synth")
-    records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin=origin,
-                          values=(ValueRecord("ppl_wikitext2", float(v), protocol),)) for a, v in zip(archs, values)]
-    with archive.write() as session:
-        ingest_records(session, records)
 
 
 def _cheap_of(ppl, seed=0):
@@ -56,7 +46,7 @@ def test_cheaper_fidelity_relation():
 def test_default_protocol_stays_the_full_one_when_cheap_values_outnumber_it(archive):
     fill(archive, 10)
     extra = random_archive(SPEC, 40, 5)
-    _write(archive, extra.architectures(), _cheap_of(TRUTH.ppl(extra)), CHEAP, "screen")
+    record_ppl(archive, extra.architectures(), _cheap_of(TRUTH.ppl(extra)), CHEAP, "screen")
     with archive.read() as session:
         base = reads.get_base_model(session, "synth")
         pid = reads.default_protocol(session, base, "ppl_wikitext2")
@@ -71,12 +61,12 @@ def test_predictor_learns_from_mapped_cheap_values_and_goes_stale_on_new_ones(ar
     truth = SyntheticTruth(noise=0.01, seed=12)
     ppl = truth.ppl(batch, noisy=True)
     full, test = list(range(20)), list(range(100, 140))
-    _write(archive, [archs[i] for i in full], ppl[full], PPL)
+    record_ppl(archive, [archs[i] for i in full], ppl[full], PPL)
     # without cheap values: a predictor on the 20 full ones
     only_full = ensure_predictors(archive, "synth", ["ppl_wikitext2"])["ppl_wikitext2"]
     # cheap values for the 20 (pairs) and 80 more
     cheap_idx = list(range(100))
-    _write(archive, [archs[i] for i in cheap_idx], _cheap_of(ppl[cheap_idx]), CHEAP, "screen")
+    record_ppl(archive, [archs[i] for i in cheap_idx], _cheap_of(ppl[cheap_idx]), CHEAP, "screen")
     with archive.read() as session:
         assert is_stale(session, latest_row(session, reads.get_base_model(session, "synth"), "ppl_wikitext2",
                                             only_full.protocol_id))
@@ -101,13 +91,12 @@ def test_screening_rounds_verify_the_best_screened_candidates(archive):
     fill(archive, 30)
     target = int(0.75 * SPEC.total_params)
     truth = SyntheticTruth(noise=TRUTH.noise, seed=7)
-    info = BaseModelInfo("synth", SPEC, "hash-synth")
     screened_values: dict[str, float] = {}
     verified: list[str] = []
 
     def measure_cheap(archs, picks, doc):
         values = _cheap_of(truth.ppl(encode(archs, SPEC)), seed=len(screened_values))
-        _write(archive, archs, values, CHEAP, "screen")
+        record_ppl(archive, archs, values, CHEAP, "screen")
         for a, v in zip(archs, values):
             screened_values[a.arch_id("synth")] = float(v)
         return list(values)
@@ -119,10 +108,7 @@ def test_screening_rounds_verify_the_best_screened_candidates(archive):
             waiting = [v for k, v in screened_values.items() if k not in verified]
             assert screened_values[aid] <= sorted(waiting)[len(archs) - 1] + 1e-12
         ppl = truth.ppl(encode(archs, SPEC), noisy=True)
-        records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin="verify",
-                              values=(ValueRecord("ppl_wikitext2", float(p), PPL),)) for a, p in zip(archs, ppl)]
-        with archive.write() as session:
-            ingest_records(session, records)
+        record_ppl(archive, archs, ppl)
         verified.extend(a.arch_id("synth") for a in archs)
 
     report = verify_loop(archive, QueryRequest(model="synth", params=target, candidates=3000), verify=2, rounds=3,

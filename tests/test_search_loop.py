@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 
 from archopt.archdb import Archive
-from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord
-from archopt.archdb.store import ingest_records
 from archopt.optimizer.encoding import encode
 from archopt.optimizer.loop import pick_to_verify, verify_loop
 from archopt.optimizer.query import QueryRequest
 
 from archopt.optimizer.synthetic import SyntheticTruth
-from test_query_archive import PPL, SPEC, TRUTH, fill
+from test_query_archive import SPEC, TRUTH, fill, record_ppl
 
 
 @pytest.fixture
@@ -42,7 +40,6 @@ def test_pick_to_verify_skips_measured_and_explores_within_gap():
 
 def test_verify_loop_measures_new_architectures_each_round_and_retrains(archive):
     fill(archive, 30)
-    info = BaseModelInfo("synth", SPEC, "hash-synth")
     target = int(0.75 * SPEC.total_params)
     measured: list[str] = []
 
@@ -50,10 +47,7 @@ def test_verify_loop_measures_new_architectures_each_round_and_retrains(archive)
 
     def measure(archs, picks, doc):
         ppl = truth.ppl(encode(archs, SPEC), noisy=True)
-        records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin="verify",
-                              values=(ValueRecord("ppl_wikitext2", float(p), PPL),)) for a, p in zip(archs, ppl)]
-        with archive.write() as session:
-            ingest_records(session, records)
+        record_ppl(archive, archs, ppl)
         measured.extend(a.arch_id("synth") for a in archs)
         assert all(int(np.ceil(target * 0.98)) <= a.params <= target for a in archs)
 
@@ -103,7 +97,6 @@ def test_trust_region_share_and_distinct_picks(archive, local):
     fill(archive, 30)
     with archive.read() as session:
         spec = spec_of(reads.get_base_model(session, "synth"))
-    info = BaseModelInfo("synth", SPEC, "hash-synth")
     target = int(0.75 * SPEC.total_params)
     truth = SyntheticTruth(noise=TRUTH.noise, seed=9)
     rounds: list[list[dict]] = []
@@ -111,10 +104,7 @@ def test_trust_region_share_and_distinct_picks(archive, local):
     def measure(archs, picks, doc):
         rounds.append(picks)
         ppl = truth.ppl(encode(archs, SPEC), noisy=True)
-        records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin="verify",
-                              values=(ValueRecord("ppl_wikitext2", float(p), PPL),)) for a, p in zip(archs, ppl)]
-        with archive.write() as session:
-            ingest_records(session, records)
+        record_ppl(archive, archs, ppl)
 
     verify_loop(archive, QueryRequest(model="synth", params=target, candidates=3000), verify=4, rounds=2,
                 measure=measure, local=local, min_distance=0.01)
