@@ -751,7 +751,9 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
         if not verify or rounds > 1 or server:
             raise UserError("--queue goes with --verify K (one round, without --server)")
         _queue_url(state)
-    if (screen or screen_tokens) and rounds < 2 and not verify:
+    if screen_tokens and not screen:
+        raise UserError("--screen-tokens goes with --screen N")
+    if screen and not verify:
         raise UserError("--screen goes with --verify K (and --rounds R)")
     if rounds > 1 or screen:
         if not verify or server:

@@ -128,7 +128,8 @@ def fidelity_rows(session: Session, base: m.BaseModel, metric: str, protocol_id:
 
     Uses the cheap protocol with the most tokens that has at least ``MIN_FIDELITY_PAIRS``
     architectures measured both ways and a correlation of at least ``MIN_FIDELITY_CORR``. Returns
-    the mapped rows and a JSON-ready record (``{}`` when no cheap protocol qualifies).
+    the mapped rows and a JSON-ready record for ``trained_on``: the cheap protocols' evaluation
+    signature (for staleness) and, when one qualified, ``fidelity`` (its line, correlation, rows).
     """
     from .predictors import _forward, _inverse, metric_transform
     cheap_ids = reads.cheaper_fidelities(session, base, metric, protocol_id)

@@ -158,3 +158,5 @@ def test_query_screen_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     assert cheap[0][1] >= 6 + 2      # the screened ones, the verified ones, the archived ones paired
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--screen", "3")
     assert r.code != 0 and "--screen goes with --verify" in r.err
+    r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--screen-tokens", "64")
+    assert r.code != 0 and "--screen-tokens goes with --screen" in r.err
