@@ -252,3 +252,25 @@ def _run_cli(*args: Any) -> CliResult:
 @pytest.fixture
 def run_cli() -> Callable[..., CliResult]:
     return _run_cli
+
+
+# -- a tiny real model, local data and a private importance cache (CLI tests of evaluate/queue) --
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny GQA Llama (9 query / 3 KV heads), once per test module."""
+    import tiny_models as tm
+    return tm.save_tiny("llama_gqa_odd", tmp_path_factory.mktemp("tiny") / "tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A local data folder in the shared layout (WikiText-2, PTB, MMLU), once per test module."""
+    import tiny_models as tm
+    return tm.write_local_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """``ARCHOPT_CACHE`` under the test's tmp dir (importance and token caches start empty)."""
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path

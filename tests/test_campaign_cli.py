@@ -9,27 +9,10 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-import tiny_models as tm
 from archopt.archdb import Archive
 from archopt.archdb import models as m
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tm.save_tiny("llama_gqa_odd", tmp_path_factory.mktemp("tiny") / "tiny-gqa")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tm.write_local_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
-    return tmp_path
 
 
 def evaluate(run_cli, db: str, model_dir: Path, data_dir: Path, *extra: str):

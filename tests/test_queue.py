@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
-import tiny_models as tm
 from archopt.archdb import Archive
 from archopt.archdb import models as m
 from archopt.optimizer.jobs import conninfo
@@ -23,22 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 EVAL = ("--metrics", "ppl_wikitext2,ppl_ptb", "--seq-len", "16", "--importance", "l2")
 ARCHOPT = str(Path(sys.executable).with_name("archopt"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tm.save_tiny("llama_gqa_odd", tmp_path_factory.mktemp("tiny") / "tiny-gqa")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tm.write_local_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
-    return tmp_path
 
 
 @pytest.fixture
