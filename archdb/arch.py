@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass, fields
 from itertools import chain
 from typing import Any
 
+from .errors import ArchoptError
+
 DEFAULT_CHANNEL_MULTIPLE = 8
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(ArchoptError, ValueError):
     """An architecture that is impossible for its base model, or unreadable."""
 
 

@@ -30,12 +30,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .errors import ArchoptError
+
 VERSION_TABLE = "archopt_alembic_version"
 DEFAULT_URL = "sqlite:///archopt.db"
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(ArchoptError, RuntimeError):
     """Something is wrong with the archive database (one readable line)."""
 
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from .errors import ArchoptError
 from .records import ArchRecord, RecordError, parse_record
 
 CSV_COLUMNS = ("model", "arch_id", "architecture", "origin", "importance", "calibration", "metric", "value",
@@ -25,7 +26,7 @@ _PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "
 MAX_JSON_DEPTH = 64
 
 
-class FormatError(ValueError):
+class FormatError(ArchoptError, ValueError):
     """``file:line: field 'x': message`` — one line, ready to print."""
 
     def __init__(self, path: str, line: int | None, message: str) -> None:

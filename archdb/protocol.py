@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Mapping
 from typing import Any
 
+from .errors import ArchoptError
+
 METRICS = ("ppl_wikitext2", "ppl_ptb", "mmlu")
 LOWER_IS_BETTER_PREFIXES = ("ppl", "kl", "loss", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(ArchoptError, ValueError):
     """A protocol description that is incomplete or malformed."""
 
 

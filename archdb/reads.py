@@ -10,13 +10,14 @@ from typing import Any, Iterator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from .errors import ArchoptError
 from . import models as m
 from .arch import Architecture, from_layer_dicts
 from .protocol import lower_is_better
 from .store import info_of, protocol_of, spec_of
 
 
-class NotFound(LookupError):
+class NotFound(ArchoptError, LookupError):
     """A model, architecture or protocol the archive does not hold (message says which)."""
 
 

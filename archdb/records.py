@@ -15,14 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ArchoptError
 from .arch import ArchitectureError, BaseSpec
 from .protocol import Protocol, ProtocolError, validate_metric_name, validate_value
 
-ORIGINS = ("base", "uniform", "random", "search", "verify", "ingest")
+ORIGINS = ("base", "uniform", "random", "search", "verify", "ingest", "rule")
 IMPORTANCE_CRITERIA = ("taylor", "l2")
 
 
-class RecordError(ValueError):
+class RecordError(ArchoptError, ValueError):
     """A record that cannot be ingested; ``field`` names the offending field."""
 
     def __init__(self, field_name: str, message: str) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import re
 
+from .errors import ArchoptError
+
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGT%]?)\s*$", re.IGNORECASE)
 _TOL_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(%?)\s*$")
 MAX_PARAMS = 10**15
 
 
-class SizeError(ValueError):
+class SizeError(ArchoptError, ValueError):
     """A size or tolerance string that cannot be read."""
 
 

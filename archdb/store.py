@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from .errors import ArchoptError
 from . import models as m
 from .arch import Architecture, ArchitectureError, BaseSpec, config_hash, parse_architecture
 from .protocol import Measurement, Protocol
@@ -29,7 +30,7 @@ CHUNK = 2000
 WRITER_LOCK_KEY = 712007  # pg_advisory_xact_lock key of archive writers (712006 guards migrations)
 
 
-class StoreError(ValueError):
+class StoreError(ArchoptError, ValueError):
     """A write the archive refuses; ``index`` is the position of the offending record, if any."""
 
     def __init__(self, message: str, index: int | None = None, field_name: str | None = None) -> None:

@@ -80,6 +80,14 @@ def weights_location(ref: str) -> str:
     return str(path.resolve()) if path.is_dir() else ref
 
 
+def make_evaluator(tokenizer: Any, settings: EvalSettings) -> Any:
+    """The ``Evaluator`` of ``settings``' metrics and protocol options."""
+    from archopt import evaluators as ev
+    return ev.Evaluator(tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
+                        max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
+                        ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+
+
 class Campaign:
     """A loaded base model with its importance and prepared evaluation tasks."""
 
@@ -103,10 +111,7 @@ class Campaign:
             self.base, settings.importance, samples=settings.calibration_samples,
             seq_len=settings.calibration_seq_len, seed=settings.seed, cache_dir=cache_dir() / "importance",
             data_dir=settings.data_dir)
-        self.evaluator = ev.Evaluator(
-            self.base.tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
-            max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
-            ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+        self.evaluator = make_evaluator(self.base.tokenizer, settings)
         self.screener: Any = None
 
     def enable_screening(self, metric: str, tokens: int | None = None) -> str:
@@ -129,6 +134,16 @@ class Campaign:
             self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq, max_tokens=tokens,
             ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens")
         return self.screener.tasks[metric].protocol.key()
+
+    def measuring(self, settings: EvalSettings) -> "Campaign":
+        """The same loaded model and importance, measuring ``settings``' metrics under its protocol
+        options (the model-defining fields, such as device, dtype and importance, must agree)."""
+        import copy
+        other = copy.copy(self)
+        other.settings = settings
+        other.screener = None
+        other.evaluator = make_evaluator(self.base.tokenizer, settings)
+        return other
 
     def bind(self, archive: Archive) -> "Campaign":
         """The same loaded model, importance and tasks, writing to another archive (registered there

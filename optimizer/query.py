@@ -44,7 +44,7 @@ class QueryRequest:
     fill: bool = False      # after the Pareto front, the next best candidates up to ``top`` (rounds)
 
 
-def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
+def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(objectives))
     if not out:
         raise PredictorError("at least one objective is needed")
@@ -54,6 +54,15 @@ def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
             close = difflib.get_close_matches(name, METRICS, n=1)
             raise PredictorError(f"unknown objective {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return out
+
+
+def resolve_target(base: m.BaseModel, request: QueryRequest) -> tuple[int, float]:
+    """(target parameters, tolerance) of ``request`` for ``base``; a target above the base is refused."""
+    target = parse_size(request.params, base.total_params)
+    tolerance = parse_tolerance(request.tolerance)
+    if target > base.total_params:
+        raise PredictorError(f"target {target:,} is larger than {base.name} itself ({base.total_params:,} parameters)")
+    return target, tolerance
 
 
 def _query_key(request: QueryRequest, model: str, target: int, tolerance: float,
@@ -93,16 +102,13 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
     from .search import search
 
     start = time.perf_counter()
-    objectives = _check_objectives(request.objectives)
+    objectives = check_objectives(request.objectives)
     if request.top < 1:
         raise PredictorError("top must be at least 1")
     with archive.read() as session:
         base = reads.get_base_model(session, request.model)
         spec, name, total = spec_of(base), base.name, base.total_params
-    target = parse_size(request.params, total)
-    tolerance = parse_tolerance(request.tolerance)
-    if target > total:
-        raise PredictorError(f"target {target:,} is larger than {name} itself ({total:,} parameters)")
+        target, tolerance = resolve_target(base, request)
     rows = usable_rows(archive, name, objectives, retrain=request.retrain)
     if rows is not None:  # a repeated query: answered from the store without unpickling predictors
         hit = stored_answer(archive, replace(request, model=name), target, tolerance, rows)

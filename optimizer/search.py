@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from archopt.archdb.arch import Architecture, ArchitectureError, BaseSpec, uniform_at_size
+from archopt.archdb.errors import ArchoptError
 
 from .encoding import LayerBatch, encode
 from .pareto import _mask_min, crowding_distance, to_minimization
@@ -44,6 +45,10 @@ from .space import SearchSpace, build_space, refine_space, size_window, trust_bo
 __all__ = ["Candidate", "SearchResult", "search"]
 
 _ORIGINS = ("warm", "uniform", "random", "optuna", "evolution")
+
+
+class SearchError(ArchoptError, ValueError):
+    """A search that cannot run as asked (no predictor for an objective, a target out of reach): one line."""
 
 
 @dataclass
@@ -101,7 +106,7 @@ class _Scorer:
         for name in self.objectives:
             p = self.predictors[name]
             if getattr(p, "featurizer", None) is None:
-                raise ValueError(f"predictor for {name!r} has no featurizer: train it with "
+                raise SearchError(f"predictor for {name!r} has no featurizer: train it with "
                                  f"train_predictor(..., featurizer=Featurizer(...))")
         self.seconds = 0.0
 
@@ -468,10 +473,10 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     t0 = time.perf_counter()
     objectives = tuple(objectives)
     if not objectives:
-        raise ValueError("at least one objective is needed")
+        raise SearchError("at least one objective is needed")
     missing = [o for o in objectives if o not in predictors]
     if missing:
-        raise ValueError(f"no predictor for objective {missing[0]!r} (have: {', '.join(predictors) or 'none'})")
+        raise SearchError(f"no predictor for objective {missing[0]!r} (have: {', '.join(predictors) or 'none'})")
     directions = tuple(getattr(predictors[o], "direction", None) or metric_direction(o) for o in objectives)
     target = int(target_params)
     lo, hi = size_window(target, tolerance)
@@ -487,14 +492,14 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
         space = build_space(spec, layers, **kw)
         refine = True if refine is None else refine
     elif space.spec != spec:
-        raise ValueError("the search space belongs to another base model")
+        raise SearchError("the search space belongs to another base model")
     refine = bool(refine)
     p_min, p_max = space.bounds_params()
     if p_min > hi:
-        raise ValueError(f"target {target:,} is below the smallest architecture of the search space "
+        raise SearchError(f"target {target:,} is below the smallest architecture of the search space "
                          f"({p_min:,} parameters): prune more layers, lower the MLP minimum or allow layer drop")
     if p_max < lo:
-        raise ValueError(f"the largest architecture of the search space ({p_max:,} parameters) is below "
+        raise SearchError(f"the largest architecture of the search space ({p_max:,} parameters) is below "
                          f"the size window [{lo:,}, {hi:,}]")
     n_candidates = max(1, int(n_candidates))
     rng = np.random.default_rng(seed)

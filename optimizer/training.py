@@ -24,26 +24,22 @@ from typing import Any, Sequence
 
 import joblib
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from archopt.archdb import models as m
 from archopt.archdb import reads
 from archopt.archdb.archive import Archive
-from archopt.archdb.errors import ArchoptError
 from archopt.archdb.store import spec_of
 
 from .encoding import encode
 from .features import Featurizer
+from .plan import (MIN_TRAIN, PredictorError, evaluation_signature, family_sources, is_stale, latest_row,
+                   nothing_to_borrow, plan_predictors)
 from .predictors import Predictor, train_predictor
 
-MIN_TRAIN = 5
 MIN_FIDELITY_PAIRS = 8      # architectures measured both ways before cheap values are mapped
 MIN_FIDELITY_CORR = 0.6     # and the two must agree at least this well (Pearson, model scale)
-
-
-class PredictorError(ArchoptError, RuntimeError):
-    """No usable predictor (too few evaluations, tampered artifact, unknown metric)."""
 
 
 class StalePredictor(PredictorError):
@@ -90,38 +86,6 @@ class Trained:
     borrowed_from: tuple[str, ...] = ()
 
 
-def latest_row(session: Session, base: m.BaseModel, metric: str, protocol_id: int) -> m.PredictorVersion | None:
-    return session.scalar(select(m.PredictorVersion).where(
-        m.PredictorVersion.base_model_id == base.id, m.PredictorVersion.metric == metric,
-        m.PredictorVersion.protocol_id == protocol_id).order_by(m.PredictorVersion.version.desc()).limit(1))
-
-
-def _signature(session: Session, base_id: int, metric: str, protocol_ids: Sequence[int]) -> list[int]:
-    """[count, last id] of the live evaluations of ``metric`` under ``protocol_ids``."""
-    if not protocol_ids:
-        return [0, 0]
-    q = (select(func.count(), func.max(m.Evaluation.id))
-         .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
-         .where(m.Architecture.base_model_id == base_id, m.Evaluation.metric == metric,
-                m.Evaluation.protocol_id.in_(list(protocol_ids)), m.Evaluation.retracted_at.is_(None)))
-    count, last = session.execute(q).one()
-    return [int(count), int(last or 0)]
-
-
-def is_stale(session: Session, row: m.PredictorVersion) -> bool:
-    """True when the live evaluations of its (metric, protocol), or of the protocol's cheap
-    fidelities, differ from what it learned."""
-    count, last = _signature(session, row.base_model_id, row.metric, [row.protocol_id])
-    if count != row.n_train or last != row.last_evaluation_id:
-        return True
-    if row.feature_set != "model":
-        return False
-    base = session.get(m.BaseModel, row.base_model_id)
-    cheap = reads.cheaper_fidelities(session, base, row.metric, row.protocol_id)
-    learned = (row.trained_on or {}).get("fidelity_signature", [0, 0])
-    return _signature(session, base.id, row.metric, cheap) != list(learned)
-
-
 def fidelity_rows(session: Session, base: m.BaseModel, metric: str, protocol_id: int,
                   pairs: Sequence[tuple[m.Architecture, float, int]]) -> tuple[list[tuple[m.Architecture, float, int]], dict[str, Any]]:
     """Cheap-fidelity values of architectures without a full value, mapped onto the full scale.
@@ -133,7 +97,7 @@ def fidelity_rows(session: Session, base: m.BaseModel, metric: str, protocol_id:
     """
     from .predictors import _forward, _inverse, metric_transform
     cheap_ids = reads.cheaper_fidelities(session, base, metric, protocol_id)
-    record: dict[str, Any] = {"fidelity_signature": _signature(session, base.id, metric, cheap_ids)}
+    record: dict[str, Any] = {"fidelity_signature": evaluation_signature(session, base.id, metric, cheap_ids)}
     full = {a.id: v for a, v, _ in pairs}
     kind = metric_transform(metric)
     for pid in cheap_ids:
@@ -216,98 +180,44 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def protocol_for(session: Session, base: m.BaseModel, metric: str, protocol_id: int | None = None) -> int:
-    if protocol_id is not None:
-        return protocol_id
-    found = reads.default_protocol(session, base, metric)
-    if found is None:
-        known = reads.metrics_of(session, base)
-        raise PredictorError(f"{base.name} has no {metric} evaluations"
-                             + (f" (it has: {', '.join(known[:6])})" if known else " (run archopt evaluate)"))
-    return found
-
-
 def ensure_predictors(archive: Archive, model: str, metrics: Sequence[str], *, retrain: bool = True,
                       force: bool = False, protocols: dict[str, int] | None = None, seed: int = 0) -> dict[str, Trained]:
-    """The newest usable predictor per metric, training one when missing, stale (unless
-    ``retrain=False``), tampered-free but from other library versions, or when ``force``."""
+    """The predictor of each metric that ``plan_predictors`` chooses, loaded; a new version is
+    trained (own or borrowed, as planned) where the plan needs one, or for every metric with ``force``."""
     out: dict[str, Trained] = {}
     for metric in metrics:
         with archive.read() as session:
             base = reads.get_base_model(session, model)
-            explicit = (protocols or {}).get(metric)
-            if explicit is None and own_pairs(session, base, metric) < MIN_TRAIN:
-                row = family_row(session, base, metric)
-                if row is not None and not force:
-                    try:
-                        predictor = loads(row)
-                    except StalePredictor:
-                        predictor = None
-                    if predictor is not None:
-                        out[metric] = Trained(predictor, row.version, row.id, row.protocol_id, False, False,
-                                              tuple((row.trained_on or {}).get("borrowed_from", [])))
-                        continue
-                with archive.write() as wsession:
-                    wbase = reads.get_base_model(wsession, model)
-                    new_row, predictor = train_family_version(wsession, wbase, metric, seed=seed)
-                    out[metric] = Trained(predictor, new_row.version, new_row.id, new_row.protocol_id, False, True,
-                                          tuple(new_row.trained_on["borrowed_from"]))
-                continue
-            pid = protocol_for(session, base, metric, explicit)
-            row = latest_row(session, base, metric, pid)
-            predictor: Predictor | None = None
-            stale = False
-            if row is not None and not force:
-                stale = is_stale(session, row)
+            choice = plan_predictors(session, base, [metric], protocols=protocols)[metric]
+            if not force and not choice.needs_training(retrain):
+                row = session.get(m.PredictorVersion, choice.row_id)
                 try:
                     predictor = loads(row)
                 except StalePredictor:
                     predictor = None
-                if predictor is not None and not (stale and retrain):
-                    out[metric] = Trained(predictor, row.version, row.id, pid, stale, False)
+                if predictor is not None:
+                    out[metric] = Trained(predictor, choice.version, choice.row_id, choice.protocol_id,
+                                          choice.stale, False, choice.borrowed_from)
                     continue
         with archive.write() as session:
             base = reads.get_base_model(session, model)
-            new_row, predictor = train_version(session, base, metric, pid, seed=seed)
-            out[metric] = Trained(predictor, new_row.version, new_row.id, pid, False, True)
+            if choice.borrowed:
+                new_row, predictor = train_family_version(session, base, metric, seed=seed)
+            else:
+                new_row, predictor = train_version(session, base, metric, choice.protocol_id, seed=seed)
+            out[metric] = Trained(predictor, new_row.version, new_row.id, new_row.protocol_id, False, True,
+                                  tuple((new_row.trained_on or {}).get("borrowed_from", [])))
     return out
 
 
 def usable_rows(archive: Archive, model: str, metrics: Sequence[str], *, retrain: bool = True) -> dict[str, int] | None:
-    """Metric -> row id of the versions ``ensure_predictors`` would use without training, checked
-    from the database alone (no unpickling); None when any metric would need a new version."""
-    out: dict[str, int] = {}
+    """Metric -> row id of the versions ``ensure_predictors`` would use without training (from the
+    database alone, nothing unpickled); None when any metric needs a new version."""
     with archive.read() as session:
-        base = reads.get_base_model(session, model)
-        for metric in metrics:
-            if own_pairs(session, base, metric) < MIN_TRAIN:
-                row = family_row(session, base, metric)
-                if row is None:
-                    return None
-            else:
-                pid = reads.default_protocol(session, base, metric)
-                row = latest_row(session, base, metric, pid) if pid is not None else None
-                if row is None or (retrain and is_stale(session, row)):
-                    return None
-            if (row.library_versions or {}).get("scikit-learn") != library_versions()["scikit-learn"]:
-                return None
-            if hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256:
-                return None
-            out[metric] = row.id
-    return out
-
-
-def own_pairs(session: Session, base: m.BaseModel, metric: str) -> int:
-    """Live evaluations of ``metric`` on ``base`` under its default protocol."""
-    pid = reads.default_protocol(session, base, metric)
-    return 0 if pid is None else len(reads.training_pairs(session, base, metric, pid))
-
-
-def family_row(session: Session, base: m.BaseModel, metric: str) -> m.PredictorVersion | None:
-    """The newest borrowed (family-feature) predictor version of ``base`` for ``metric``."""
-    return session.scalar(select(m.PredictorVersion).where(
-        m.PredictorVersion.base_model_id == base.id, m.PredictorVersion.metric == metric,
-        m.PredictorVersion.feature_set == "family").order_by(m.PredictorVersion.id.desc()).limit(1))
+        plan = plan_predictors(session, reads.get_base_model(session, model), metrics)
+    if any(c.needs_training(retrain) for c in plan.values()):
+        return None
+    return {metric: c.row_id for metric, c in plan.items()}
 
 
 def train_family_version(session: Session, base: m.BaseModel, metric: str, *,
@@ -316,22 +226,18 @@ def train_family_version(session: Session, base: m.BaseModel, metric: str, *,
     base models of its family through depth-normalised ("family") features only. Its values rank
     architectures; their scale is the source models' (their protocols, their tokenizers)."""
     featurizer = Featurizer(feature_set="family")
+    sources = family_sources(session, base, metric)
+    if not sources:
+        raise nothing_to_borrow(base, metric)
     parts, targets, eval_ids, names, sizes = [], [], [], [], {}
-    for other in session.scalars(select(m.BaseModel).where(m.BaseModel.family == base.family,
-                                                           m.BaseModel.id != base.id).order_by(m.BaseModel.id)):
-        pid = reads.default_protocol(session, other, metric)
-        pairs = reads.training_pairs(session, other, metric, pid) if pid is not None else []
-        if len(pairs) < MIN_TRAIN:
-            continue
-        spec = spec_of(other)
-        parts.append(featurizer.transform(encode([reads.architecture_of(a, other) for a, _, _ in pairs], spec)))
+    for other, pid in sources:
+        pairs = reads.training_pairs(session, other, metric, pid)
+        parts.append(featurizer.transform(encode([reads.architecture_of(a, other) for a, _, _ in pairs],
+                                                 spec_of(other))))
         targets.extend(v for _, v, _ in pairs)
         eval_ids.extend(e for _, _, e in pairs)
         names.append(other.name)
         sizes[pid] = sizes.get(pid, 0) + len(pairs)
-    if not parts:
-        raise PredictorError(f"{base.name}: fewer than {MIN_TRAIN} {metric} evaluations of its own and no other "
-                             f"{base.family} model in the archive to borrow a predictor from (run archopt evaluate)")
     predictor = train_predictor(np.vstack(parts), np.array(targets), metric, seed=seed, featurizer=featurizer)
     row = _store_version(session, base, metric, max(sizes, key=sizes.get), predictor, "family", eval_ids,
                          borrowed_from=names)

@@ -93,23 +93,13 @@ def parse_query_body(body: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class PredictorState:
-    metric: str
-    protocol_id: int
-    row_id: int | None
-    version: int | None
-    stale: bool
-    usable: bool
-
-
-@dataclass(frozen=True)
 class QueryPlan:
-    """A validated query with its size resolved and the state of its predictors."""
+    """A validated query with its size resolved and the predictor each objective would use."""
 
     request: Any  # QueryRequest, with the model's registered name and retrain=False
     target: int
     tolerance: float
-    predictors: tuple[PredictorState, ...]
+    predictors: tuple[Any, ...]  # optimizer.plan.PredictorChoice, one per objective
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -119,45 +109,27 @@ class QueryPlan:
 
     @property
     def missing(self) -> list[str]:
-        return [p.metric for p in self.predictors if not p.usable]
+        return [p.metric for p in self.predictors if p.needs_training(retrain=False)]
 
     @property
     def stale(self) -> list[str]:
-        return [p.metric for p in self.predictors if p.usable and p.stale]
+        return [p.metric for p in self.predictors if not p.needs_training(retrain=False) and p.stale]
 
 
 def plan_query(archive: Archive, request: Any) -> QueryPlan:
-    """Resolve model and size and look at the predictors, without loading or training any."""
+    """Resolve model and size and choose the predictors (``optimizer.plan``, as ``archopt query``
+    does), without loading or training any."""
     from archopt.archdb import reads
-    from archopt.archdb.sizes import parse_size, parse_tolerance
-    from archopt.optimizer.query import _check_objectives
-    from archopt.optimizer.training import (MIN_TRAIN, PredictorError, is_stale, latest_row, library_versions,
-                                            protocol_for)
-    objectives = _check_objectives(request.objectives)
-    sklearn_now = library_versions()["scikit-learn"]
-    states = []
+    from archopt.optimizer.plan import plan_predictors
+    from archopt.optimizer.query import check_objectives, resolve_target
+    objectives = check_objectives(request.objectives)
     with archive.read() as session:
         base = reads.get_base_model(session, request.model)
-        target = parse_size(request.params, base.total_params)
-        tolerance = parse_tolerance(request.tolerance)
-        if target > base.total_params:
-            raise PredictorError(f"target {target:,} is larger than {base.name} itself "
-                                 f"({base.total_params:,} parameters)")
-        for metric in objectives:
-            pid = protocol_for(session, base, metric)
-            row = latest_row(session, base, metric, pid)
-            if row is None:
-                n = len(reads.training_pairs(session, base, metric, pid))
-                if n < MIN_TRAIN:
-                    raise PredictorError(f"{base.name}: only {n} live {metric} evaluations under protocol "
-                                         f"#{pid}; a predictor needs at least {MIN_TRAIN} (run archopt evaluate)")
-                states.append(PredictorState(metric, pid, None, None, True, False))
-                continue
-            usable = (row.library_versions or {}).get("scikit-learn") == sklearn_now
-            states.append(PredictorState(metric, pid, row.id, row.version, is_stale(session, row), usable))
+        target, tolerance = resolve_target(base, request)
+        choices = plan_predictors(session, base, objectives)
         name = base.name
     return QueryPlan(replace(request, model=name, objectives=objectives, retrain=False), target, tolerance,
-                     tuple(states))
+                     tuple(choices[o] for o in objectives))
 
 
 class QueryService:

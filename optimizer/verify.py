@@ -1,0 +1,181 @@
+"""Verification: measuring a query's candidates for real, under the protocols its predictors learn from.
+
+``archopt query --verify K`` (one round or ``--rounds R``), ``--queue`` (jobs for workers), the
+workers and benchmarks/search_quality.py all measure through this module:
+
+- ``measurement_settings``: one ``EvalSettings`` per group of metrics that share protocol options.
+  Each objective with a predictor is measured under that predictor's own protocol (its window,
+  tokens, split, questions, shots), so the next query learns from the result; other metrics use
+  the caller's defaults. Two perplexities under protocols of different token counts are two groups.
+- ``CampaignCache``: loaded campaigns by (weights, settings). A base model is loaded and its
+  importance computed once; settings that differ only in what they measure reuse it.
+- ``Verifier``: the measure / measure-cheap callbacks of ``optimizer.loop.verify_loop`` and the
+  one-round ``verify`` of ``archopt query --verify K``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from archopt.archdb import reads
+from archopt.archdb.arch import Architecture, from_layer_dicts
+from archopt.archdb.archive import Archive
+from archopt.archdb.errors import ArchoptError
+from archopt.archdb.store import spec_of
+
+from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
+
+OnResult = Callable[[int, int, Any], Any]
+
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "reachable"]
+
+
+class VerifyError(ArchoptError, RuntimeError):
+    """Verification cannot run (weights out of reach, a model that does not load): one line."""
+
+
+def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence[str],
+                         defaults: EvalSettings) -> list[EvalSettings]:
+    """``EvalSettings`` groups measuring every metric of ``metrics``: a metric with an entry in
+    ``protocols`` (metric -> protocol dict, as ``reads.protocol_dict`` gives) under that protocol's
+    options, the others under ``defaults``. Metrics whose options agree share a group."""
+    groups: dict[EvalSettings, list[str]] = {}
+    for metric in dict.fromkeys(metrics):
+        options = _protocol_options(metric, protocols.get(metric), defaults)
+        groups.setdefault(dataclasses.replace(defaults, metrics=(), **options), []).append(metric)
+    return [dataclasses.replace(s, metrics=tuple(names)) for s, names in groups.items()]
+
+
+def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSettings) -> dict[str, Any]:
+    """The ``EvalSettings`` fields that decide ``metric``'s protocol; fields it ignores keep the
+    defaults so that metrics of one protocol family group together."""
+    if metric.startswith("ppl"):
+        options: dict[str, Any] = {"seq_len": defaults.seq_len, "max_tokens": defaults.max_tokens}
+        if p is not None:
+            options = {"seq_len": p.get("seq_len") or defaults.seq_len, "max_tokens": p.get("tokens")}
+        if metric == "ppl_ptb" and p is not None and p.get("split") in ("validation", "test"):
+            options["ptb_split"] = p["split"]
+        return options
+    if metric == "mmlu" and p is not None:
+        return {"max_questions": p.get("questions"),
+                "shots": p["shots"] if p.get("shots") is not None else defaults.shots}
+    return {}
+
+
+def reachable(location: str | None) -> bool:
+    """A local model directory, or something that looks like a hub id (``org/name``)."""
+    if not location:
+        return False
+    path = Path(location)
+    return path.is_dir() or ("/" in location and not path.exists() and not location.startswith((".", "/")))
+
+
+class CampaignCache:
+    """Loaded campaigns by (weights location, settings), sharing one loaded base model (and its
+    importance) between settings that differ only in what they measure. Not thread-safe: one per
+    thread, or guard it."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self._campaigns: dict[tuple[str, str, EvalSettings], Campaign] = {}
+
+    def get(self, location: str, settings: EvalSettings, name: str) -> Campaign:
+        key = (location, name, settings)
+        found = self._campaigns.get(key)
+        if found is not None:
+            return found
+        loaded = next((c for (loc, n, s), c in self._campaigns.items()
+                       if loc == location and n == name and _same_model(s, settings)), None)
+        try:
+            campaign = (loaded.measuring(settings) if loaded is not None
+                        else Campaign(self.archive, location, settings, name))
+        except (CampaignError, OSError) as exc:
+            raise VerifyError(f"cannot verify: {str(exc).splitlines()[0]}") from None
+        self._campaigns[key] = campaign
+        return campaign
+
+
+def _same_model(a: EvalSettings, b: EvalSettings) -> bool:
+    """Two settings that load the same weights and compute the same importance."""
+    fields = ("data_dir", "importance", "calibration_samples", "calibration_seq_len", "device", "dtype", "seed")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+class Verifier:
+    """Measures architectures of one base model under the protocols of a query's predictors.
+
+    ``defaults`` holds the evaluation options of the command line (device, data, importance, and
+    the protocol options of metrics without a predictor). ``extra_metrics`` are measured too.
+    """
+
+    def __init__(self, archive: Archive, model: str, defaults: EvalSettings, *, weights: str | None = None,
+                 extra_metrics: Sequence[str] = (), cache: CampaignCache | None = None) -> None:
+        self.archive = archive
+        self.defaults = defaults
+        self.extra_metrics = tuple(extra_metrics)
+        self.cache = cache or CampaignCache(archive)
+        with archive.read() as session:
+            base = reads.get_base_model(session, model)
+            self.model, self.spec = base.name, spec_of(base)
+            self.location = weights or base.location
+        if not reachable(self.location):
+            raise VerifyError(f"cannot verify: the weights of {self.model} are not reachable "
+                              f"({self.location or 'no location recorded'}); pass --weights PATH")
+        self.screen_tokens: int | None = None
+
+    def settings(self, doc: dict[str, Any]) -> list[EvalSettings]:
+        """The settings groups that measure a query document's objectives (and the extra metrics)."""
+        with self.archive.read() as session:
+            protocols = {metric: reads.protocol_dict(session, pid)
+                         for metric, pid in doc.get("predictor_protocols", {}).items() if pid is not None}
+        return measurement_settings(protocols, [*doc["objectives"], *self.extra_metrics], self.defaults)
+
+    def campaigns(self, doc: dict[str, Any]) -> list[Campaign]:
+        return [self.cache.get(self.location, s, self.model) for s in self.settings(doc)]
+
+    def architectures(self, rows: Sequence[dict[str, Any]]) -> list[Architecture]:
+        return [from_layer_dicts(self.spec, r["layers"]) for r in rows]
+
+    def measure(self, archs: Sequence[Architecture], doc: dict[str, Any],
+                on_result: OnResult | None = None) -> list[CampaignReport]:
+        """Prune, measure and store ``archs`` under every settings group of ``doc``."""
+        return [c.run([(a, "verify") for a in archs], on_result) for c in self.campaigns(doc)]
+
+    def measured(self, rows: Sequence[dict[str, Any]], doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """For each result row: its id, predictions and the archive's value of every objective under
+        the protocol it was verified with (None where unmeasured)."""
+        keys: dict[str, str] = {}
+        for campaign in self.campaigns(doc):
+            keys.update(campaign.protocol_keys())
+        ids = [r["arch_id"] for r in rows]
+        with self.archive.read() as session:
+            base = reads.get_base_model(session, self.model)
+            values = {o: reads.values_under(session, base, ids, o, keys[o]) for o in doc["objectives"] if o in keys}
+        return [{"arch_id": r["arch_id"], "predicted": r["predicted"],
+                 "measured": {o: values.get(o, {}).get(r["arch_id"]) for o in doc["objectives"]}} for r in rows]
+
+    def verify(self, doc: dict[str, Any], k: int, on_result: OnResult | None = None) -> list[dict[str, Any]]:
+        """Measure the top ``k`` results of a query document; returns ``measured`` of them."""
+        top = doc["results"][:k]
+        self.measure(self.architectures(top), doc, on_result)
+        return self.measured(top, doc)
+
+    def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
+                      on_screening: Callable[[str, int, int], Any] | None = None) -> list[float | None]:
+        """Cheap-fidelity values of the first objective (``verify_loop``'s ``measure_cheap``).
+        Screening is enabled on first use and calibrated on archived architectures of the query's
+        window; ``on_screening(protocol key, tokens, paired)`` is told once."""
+        objective = doc["objectives"][0]
+        campaign = next(c for c in self.campaigns(doc) if objective in c.settings.metrics)
+        if campaign.screener is None:
+            try:
+                key = campaign.enable_screening(objective, self.screen_tokens)
+            except CampaignError as exc:
+                raise VerifyError(str(exc)) from None
+            lo, hi = doc["window"]
+            paired = campaign.calibrate_screening(objective, int(lo * 0.95), int(hi * 1.05))
+            if on_screening is not None:
+                on_screening(key, campaign.screener.tasks[objective].protocol.tokens, paired)
+        return campaign.screen_values(archs, objective)
