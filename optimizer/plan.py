@@ -8,8 +8,9 @@ is, from the database alone (nothing is unpickled):
   the other base models of its family through depth-normalised features), or needs one trained;
 - otherwise it uses the newest version of its own (metric, protocol), which is *stale* when the
   archive holds live evaluations that version has not seen;
-- a version is *loadable* when its artifact's sha256 matches the stored one and it was made by the
-  scikit-learn installed here; one that is not must be retrained before use.
+- a version is *loadable* when it was made by the scikit-learn installed here (else it is retrained
+  before use); one whose artifact's sha256 differs from the stored one is *tampered*, and refused
+  with ``PredictorError`` (``check``) rather than silently replaced.
 
 ``PredictorChoice.needs_training(retrain)`` is the rule: no loadable version, or a stale own
 version while retraining is allowed.
@@ -55,11 +56,19 @@ class PredictorChoice:
     borrowed: bool            # a family predictor (the model has too few evaluations of its own)
     borrowed_from: tuple[str, ...]
     stale: bool               # the archive holds live evaluations it has not learned from
-    loadable: bool            # artifact hash and scikit-learn version check out
+    loadable: bool            # made by the scikit-learn installed here
+    tampered: bool = False    # the artifact's sha256 differs from the stored one
 
     def needs_training(self, retrain: bool = True) -> bool:
         """True when the metric cannot be answered without training a new version first."""
         return self.row_id is None or not self.loadable or (retrain and self.stale)
+
+    def check(self) -> "PredictorChoice":
+        """Itself; ``PredictorError`` when its artifact was tampered with."""
+        if self.tampered:
+            raise PredictorError(f"predictor {self.metric} v{self.version}: artifact hash mismatch (tampered or "
+                                 "corrupted); retrain with `archopt predictors train`")
+        return self
 
 
 def plan_predictors(session: Session, base: m.BaseModel, metrics: Sequence[str], *,
@@ -76,18 +85,18 @@ def _choice(session: Session, base: m.BaseModel, metric: str, explicit: int | No
                 raise nothing_to_borrow(base, metric)
             return PredictorChoice(metric, None, None, None, True, (), False, False)
         return PredictorChoice(metric, row.protocol_id, row.id, row.version, True,
-                               tuple((row.trained_on or {}).get("borrowed_from", [])), False, _loadable(row))
+                               tuple((row.trained_on or {}).get("borrowed_from", [])), False, *_integrity(row))
     pid = protocol_for(session, base, metric, explicit)
     row = latest_row(session, base, metric, pid)
     if row is None:
         return PredictorChoice(metric, pid, None, None, False, (), True, False)
-    return PredictorChoice(metric, pid, row.id, row.version, False, (), is_stale(session, row), _loadable(row))
+    return PredictorChoice(metric, pid, row.id, row.version, False, (), is_stale(session, row), *_integrity(row))
 
 
-def _loadable(row: m.PredictorVersion) -> bool:
-    if (row.library_versions or {}).get("scikit-learn") != sklearn_version():
-        return False
-    return hashlib.sha256(row.artifact).hexdigest() == row.artifact_sha256
+def _integrity(row: m.PredictorVersion) -> tuple[bool, bool]:
+    """(loadable, tampered) of a stored version."""
+    loadable = (row.library_versions or {}).get("scikit-learn") == sklearn_version()
+    return loadable, hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256
 
 
 def protocol_for(session: Session, base: m.BaseModel, metric: str, protocol_id: int | None = None) -> int:

@@ -129,7 +129,7 @@ def plan_query(archive: Archive, request: Any) -> QueryPlan:
         choices = plan_predictors(session, base, objectives)
         name = base.name
     return QueryPlan(replace(request, model=name, objectives=objectives, retrain=False), target, tolerance,
-                     tuple(choices[o] for o in objectives))
+                     tuple(choices[o].check() for o in objectives))
 
 
 class QueryService:

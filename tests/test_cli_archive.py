@@ -23,9 +23,10 @@ from conftest import WIKI  # noqa: E402  (shared test data)
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()):
     yield path, group
-    if isinstance(group, click.Group):
-        for name, command in sorted(group.commands.items()):
-            yield from _commands(command, (*path, name))
+    if isinstance(group, click.Group):  # the root group loads its commands lazily: ask it for them
+        ctx = click.Context(group)
+        for name in group.list_commands(ctx):
+            yield from _commands(group.get_command(ctx, name), (*path, name))
 
 
 ALL_COMMANDS = [path for path, _ in _commands(cli)]

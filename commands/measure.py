@@ -1,0 +1,165 @@
+"""Measuring for real: evaluate (many architectures into the archive) and prune (write one model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from archopt.cli import EvalOptions, State, UserError, eval_options, floats, pass_state
+
+from .output import progress_runner
+
+
+def run_campaign(state: State, campaign: Any, archs: list[tuple[Any, str]], title: str) -> Any:
+    """Measure ``archs`` with a progress bar (done, ETA, last values); returns the campaign report."""
+    progress, on_result = progress_runner(state, title, len(archs))
+    with progress:
+        return campaign.run(archs, on_result)
+
+
+@click.command()
+@click.option("--model", "-m", "model_ref", required=True, help="Local path or hub id of the base model.")
+@click.option("--name", default=None, help="Name to register the base model under (default: hub id or dir name).")
+@click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many sampled architectures to measure.")
+@click.option("--sampler", type=click.Choice(["random", "paper"]), default="random", show_default=True,
+              help="random: per-layer widths (attention biased toward kept, whole in a quarter of them); "
+                   "paper: ratios from --ratios.")
+@click.option("--uniform", "uniform_ratios", default=None, help="Also measure uniform baselines, e.g. 0.2,0.3.")
+@click.option("--arch", "arch_texts", multiple=True, help="Also measure this architecture (id, JSON or compact).")
+@click.option("--layers", default=None, help="Prunable layers, inclusive: 3-29 (LLM-Pruner's end is exclusive).")
+@click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5", show_default=True, help="Ratio set of --sampler paper.")
+@click.option("--params", "params_text", default=None, help="Random samples and --starts at this size: 5B, 550M, 80%.")
+@click.option("--tolerance", default="5%", show_default=True, help="Size window of --params.")
+@click.option("--starts", "with_starts", is_flag=True,
+              help="Also measure the search-free starts at --params: rules of thumb and a FLAP-style global allocation.")
+@click.option("--no-base", is_flag=True, help="Do not measure the unpruned base model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@eval_options
+@pass_state
+def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampler: str, uniform_ratios: str | None,
+             arch_texts: tuple[str, ...], layers: str | None, ratios: str, params_text: str | None, tolerance: str,
+             with_starts: bool, no_base: bool, seed: int, evaluation: EvalOptions) -> None:
+    """Prune a base model to many architectures and measure them into the archive.
+
+    Each result is written as soon as it is measured; a rerun skips what is there.
+
+    \b
+    Example:
+      archopt evaluate --model ../shared/models/ptb-llama-8l --data-dir ../shared/data \\
+          --samples 20 --uniform 0.2 --metrics ppl_wikitext2,ppl_ptb
+      archopt evaluate --model ../shared/models/ptb-llama-8l --data-dir ../shared/data --params 60% --starts
+    """
+    from archopt.archdb.arch import full, parse_layer_range
+    from archopt.archdb.sizes import parse_size, parse_tolerance
+    from archopt.optimizer.campaign import Campaign
+    from archopt.optimizer.samplers import sample_architectures, uniform_baselines
+    if with_starts and not params_text:
+        raise UserError("--starts needs --params SIZE")
+    settings = evaluation.settings(seed)
+    uniform_values = floats(uniform_ratios, "--uniform")
+    ratio_values = floats(ratios, "--ratios")
+    tol = parse_tolerance(tolerance)
+    state.err.print(f"loading {model_ref} on {settings.device} ...")
+    campaign = Campaign(state.archive, model_ref, settings, name)
+    spec = campaign.base.spec
+    layer_idx = parse_layer_range(layers, spec.num_layers) if layers else None
+    target = parse_size(params_text, spec.total_params) if params_text else None
+    archs: list[tuple[Any, str]] = []
+    if not no_base:
+        archs.append((full(spec), "base"))
+    archs += [(a, "uniform") for a in uniform_baselines(spec, uniform_values, layer_idx)]
+    archs += [(parse_arch(state, campaign.name, spec, t), "ingest") for t in arch_texts]
+    if with_starts:
+        from archopt.optimizer.starts import strong_starts, summary
+        found = strong_starts(spec, target, campaign.importance.kv_group, campaign.importance.channel)
+        for rule, arch in found:
+            state.err.print(f"start {rule}: {summary(arch)}", markup=False)
+        archs += [(a, "uniform" if rule == "uniform" else "rule") for rule, a in found]
+    if samples:
+        archs += [(a, "random") for a in sample_architectures(
+            spec, samples, sampler, seed=seed, layers=layer_idx, ratios=ratio_values or (0.1, 0.2, 0.3, 0.4, 0.5),
+            target_params=target, tolerance=tol)]
+    report = run_campaign(state, campaign, archs, f"evaluating {campaign.name}")
+    state.out.print(f"{campaign.name}: {report.evaluated} architectures measured, {report.skipped} already in the archive")
+
+
+def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
+    """An architecture given as an archive id (prefix), a JSON file, or any written form."""
+    from archopt.archdb.arch import from_layer_dicts, parse_architecture
+    stripped = text.strip()
+    if 8 <= len(stripped) <= 64 and all(c in "0123456789abcdef" for c in stripped.lower()):
+        from archopt.archdb.reads import get_base_model, resolve_arch
+        with state.archive.read() as session:
+            row = resolve_arch(session, stripped, get_base_model(session, model_name))
+            return from_layer_dicts(spec, json.loads(row.encoding))
+    path = Path(stripped)
+    if stripped[:1] not in "[{" and path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "architecture" in data:  # an archopt.json
+            data = data["architecture"]
+        return parse_architecture(spec, data)
+    return parse_architecture(spec, stripped)
+
+
+@click.command()
+@click.option("--model", "-m", "model_ref", required=True, help="Base model: registered name, path or hub id.")
+@click.option("--arch", "arch_text", required=True, help="Architecture: archive id (prefix), JSON file or string.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--importance", type=click.Choice(["taylor", "l2"]), default=None,
+              help="Default: the criterion the archive recorded for this architecture, else taylor.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local data (calibration text for taylor).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="dtype of the saved weights (default: the loaded dtype).")
+@click.option("--weights", default=None, help="Where the base weights are (default: the archive's location).")
+@pass_state
+def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importance: str | None,
+          data_dir: Path | None, device: str, dtype: str | None, weights: str | None) -> None:
+    """Write a pruned model: safetensors, config with per-layer shapes, modeling code, archopt.json, tokenizer.
+
+    The directory loads without archopt: AutoModelForCausalLM.from_pretrained(OUT,
+    trust_remote_code=True) runs the modeling_archopt.py written beside the weights (the base
+    family's transformers classes, narrowed per layer). lm-eval takes it as
+    --model_args pretrained=OUT,trust_remote_code=True, and `archopt ingest` of its results file
+    lands on this architecture.
+
+    \b
+    Example:
+      archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct --dtype bfloat16
+    """
+    from archopt.archdb import reads
+    from archopt.archdb.reads import arch_importance, get_base_model
+    from archopt.optimizer.campaign import cache_dir
+    from archopt import evaluators as ev
+    location = weights
+    registered = None
+    with state.archive.read() as session:
+        try:
+            row = get_base_model(session, model_ref)
+            registered, location = row.name, location or row.location
+        except reads.NotFound:
+            if not Path(model_ref).is_dir() and "/" not in model_ref:
+                raise
+    location = location or model_ref
+    base = ev.load_base_model(location, device=device)
+    name = registered or base.name
+    arch = parse_arch(state, name, base.spec, arch_text)
+    if importance is None:
+        with state.archive.read() as session:
+            known = None
+            if registered:
+                known = arch_importance(session, get_base_model(session, registered), arch.arch_id(name))
+        importance = known or "taylor"
+    imp = ev.compute_importance(base, importance, cache_dir=cache_dir() / "importance",
+                                data_dir=str(data_dir) if data_dir else None)
+    model = ev.prune_model(base, arch, imp)
+    ev.save_pruned(model, base, arch, imp, out_dir, dtype=dtype, base_name=name)
+    state.out.print(f"wrote {out_dir}: {arch.params:,} params ({100 * arch.fraction():.1f}% of {name}), "
+                    f"architecture {arch.arch_id(name)[:12]}; load it with "
+                    f"AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+

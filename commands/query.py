@@ -1,0 +1,237 @@
+"""``archopt query``: the Pareto front for a size target, verified for real on request."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import click
+
+from archopt.cli import EvalOptions, State, UserError, eval_options, pass_state, server_options
+
+from .output import print_json, print_query, print_verified, progress_runner
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """``--verify K`` and what goes with it: rounds, exploration, screening, queueing, weights."""
+
+    verify: int
+    to_queue: bool
+    rounds: int
+    explore: float
+    screen: int
+    screen_tokens: int | None
+    weights: str | None
+
+    def check(self, server: str | None) -> None:
+        """Refuse combinations that cannot run, before any work starts."""
+        if self.to_queue and (not self.verify or self.rounds > 1 or server):
+            raise UserError("--queue goes with --verify K (one round, without --server)")
+        if self.screen_tokens and not self.screen:
+            raise UserError("--screen-tokens goes with --screen N")
+        if self.screen and not self.verify:
+            raise UserError("--screen goes with --verify K (and --rounds R)")
+        if (self.rounds > 1 or self.screen) and (not self.verify or server):
+            raise UserError("--rounds and --screen need --verify K (and run on this machine, without --server)")
+        if self.verify and server and not self.to_queue:
+            raise UserError("--verify measures on this machine: run it without --server")
+
+
+VERIFY_OPTIONS = (
+    click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure the top K for real."),
+    click.option("--queue", "to_queue", is_flag=True,
+                 help="With --verify K: enqueue the top K for `archopt worker`s instead (PostgreSQL archive)."),
+    click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="With --verify: rounds of query -> verify K new architectures -> retrain."),
+    click.option("--explore", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                 help="With --rounds > 1: verify by predicted - EXPLORE x uncertainty (active learning)."),
+    click.option("--screen", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="With --rounds: measure N candidates per round on a cheap fidelity (an eighth of the "
+                      "tokens) and verify the K best of those."),
+    click.option("--screen-tokens", type=click.IntRange(min=2), default=None,
+                 help="Tokens of the cheap fidelity (default: an eighth of the full protocol's)."),
+    click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
+)
+_VERIFY_NAMES = tuple(f.name for f in dataclasses.fields(VerifyOptions))
+
+
+def verify_options(func: Any) -> Any:
+    """The ``--verify`` options, handed to the command as one ``verification: VerifyOptions``."""
+
+    @functools.wraps(func)
+    def bundled(*args: Any, **kwargs: Any) -> Any:
+        raw = {name: kwargs.pop(name) for name in _VERIFY_NAMES}
+        return func(*args, verification=VerifyOptions(**raw), **kwargs)
+
+    for option in reversed(VERIFY_OPTIONS):
+        bundled = option(bundled)
+    return bundled
+
+
+@click.command()
+@click.option("--model", "-m", required=True, help="Base model (name, path or hub id).")
+@click.option("--params", "params_text", required=True, help="Size target: 5B, 550M, 5.2e9 or 80% of the base.")
+@click.option("--tolerance", default="2%", show_default=True, help="Results lie in [target*(1-tol), target].")
+@click.option("--objectives", default="ppl_wikitext2", show_default=True,
+              help="Comma-separated metrics to optimise (ppl_* minimised, mmlu maximised).")
+@click.option("--top", type=click.IntRange(min=1, max=200), default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--explain", is_flag=True, help="Show the refined search space (which layers matter).")
+@click.option("--no-retrain", is_flag=True, help="Use the current predictors even if the archive has newer data.")
+@verify_options
+@click.option("--json", "as_json", is_flag=True, help="Print the archopt.query/1 JSON document.")
+@eval_options
+@server_options
+@pass_state
+def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
+          explain: bool, no_retrain: bool, verification: VerifyOptions, as_json: bool, evaluation: EvalOptions,
+          server: str | None, token: str | None) -> None:
+    """Pareto-optimal pruned architectures of MODEL for a size target.
+
+    Trains stale predictors first, searches over them, stores the answer; --verify K measures the
+    top K for real and ingests them (the next query learns from them). With --server the service
+    answers with its current predictors (it retrains stale ones in the background).
+
+    \b
+    Example:
+      archopt query --model ptb-llama-8l --params 80% --top 5
+      archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --screen 24 --data-dir ../shared/data
+      archopt query --model ptb-llama-8l --params 80% --server http://127.0.0.1:8000
+    """
+    from archopt.optimizer.query import QueryRequest, run_query
+    v = verification
+    v.check(server)
+    if v.to_queue:
+        from .queue import queue_url
+        queue_url(state)
+    request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
+                           objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
+                           top=top, seed=seed, explain=explain, retrain=not no_retrain)
+    if v.rounds > 1 or v.screen:
+        _query_rounds(state, request, v, evaluation, as_json)
+        return
+    if server:
+        from archopt.service.client import Client
+        body = {"model": model, "params": params_text, "tolerance": tolerance, "objectives": list(request.objectives),
+                "top": top, "seed": seed, "explain": explain}
+        doc = Client(server, token).query(body, on_wait=lambda message: state.err.print(message))
+    else:
+        doc = run_query(state.archive, request)
+    if not as_json:
+        print_query(state, doc)
+    if v.verify and v.to_queue:
+        doc["queued"] = _queue_verify(state, doc, v, evaluation, seed)
+    elif v.verify:
+        from archopt.optimizer.verify import VerifyError
+        try:
+            verifier = _verifier(state, doc["model"], v, evaluation, seed)
+        except VerifyError as exc:
+            state.err.print(str(exc), markup=False)
+            doc["verified"] = []
+        else:
+            doc["verified"] = _verify(state, verifier, doc, v.verify, show=not as_json)
+    if as_json:
+        print_json(doc)
+
+
+def _verifier(state: State, model: str, v: VerifyOptions, evaluation: EvalOptions, seed: int) -> Any:
+    """The ``optimizer.verify.Verifier`` of the command line's evaluation options."""
+    from archopt.optimizer.verify import Verifier
+    defaults = evaluation.settings(seed)
+    verifier = Verifier(state.archive, model, defaults, weights=v.weights, extra_metrics=defaults.metrics)
+    verifier.screen_tokens = v.screen_tokens
+    return verifier
+
+
+def _verify(state: State, verifier: Any, doc: dict[str, Any], k: int, *, show: bool) -> list[dict[str, Any]]:
+    """Measure the top ``k`` of a query with a progress bar; prints predicted against measured."""
+    progress, on_result = progress_runner(state, "verifying", k * len(verifier.settings(doc)))
+    with progress:
+        verified = verifier.verify(doc, k, on_result)
+    if show:
+        print_verified(state, doc, verified)
+    return verified
+
+
+def _queue_verify(state: State, doc: dict[str, Any], v: VerifyOptions, evaluation: EvalOptions,
+                  seed: int) -> dict[str, Any]:
+    """``query --verify K --queue``: enqueue the top K under the predictors' protocols (one submission
+    per settings group); returns the job ids."""
+    from archopt.archdb import reads
+    from archopt.archdb.arch import from_layer_dicts
+    from archopt.archdb.store import spec_of
+    from archopt.optimizer.verify import measurement_settings
+
+    from .queue import submit_jobs
+    defaults = evaluation.settings(seed, device="cpu")
+    with state.archive.read() as session:
+        spec = spec_of(reads.get_base_model(session, doc["model"]))
+        protocols = {metric: reads.protocol_dict(session, pid)
+                     for metric, pid in doc.get("predictor_protocols", {}).items() if pid is not None}
+    archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in doc["results"][:v.verify]]
+    out: dict[str, Any] = {"jobs": [], "in_archive": 0, "in_queue": 0}
+    for settings in measurement_settings(protocols, [*doc["objectives"], *defaults.metrics], defaults):
+        report = submit_jobs(state, doc["model"], archs, settings, v.weights, 0, console=state.err)
+        out["jobs"] += report.enqueued
+        out["in_archive"] += report.in_archive
+        out["in_queue"] += report.in_queue
+    return out
+
+
+def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: EvalOptions, as_json: bool) -> None:
+    """``query --verify K --rounds R [--screen N]``: ``optimizer.loop.verify_loop`` measuring through
+    one ``Verifier`` (one loaded model)."""
+    from archopt.optimizer.loop import verify_loop
+    from archopt.optimizer.query import run_query
+    from archopt.optimizer.verify import VerifyError
+    try:
+        verifier = _verifier(state, request.model, v, evaluation, request.seed)
+    except VerifyError as exc:
+        raise UserError(str(exc)) from None
+    verified: list[dict[str, Any]] = []
+
+    def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
+        if not as_json:
+            state.err.print(f"round: verifying {len(picks)} of query #{doc['query_id']} "
+                            f"(predictors {', '.join(f'{k} v{n}' for k, n in doc['predictor_versions'].items())})")
+        got = _verify(state, verifier, {**doc, "results": picks}, len(picks), show=not as_json)
+        if not got:
+            raise UserError("verification measured nothing (see above); stopping the rounds")
+        verified.extend(got)
+
+    def told(key: str, tokens: int, paired: int) -> None:
+        if not as_json:
+            state.err.print(f"screening {request.objectives[0]} on {tokens:,} tokens (protocol {key[:12]}); "
+                            f"{paired} archived architectures measured on it for pairing")
+
+    def measure_cheap(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> list[float | None]:
+        try:
+            values = verifier.measure_cheap(archs, doc, told)
+        except VerifyError as exc:
+            raise UserError(str(exc)) from None
+        if not as_json:
+            state.err.print(f"round: screening {len(archs)} candidates of query #{doc['query_id']}")
+        return values
+
+    report = verify_loop(state.archive, request, verify=v.verify, rounds=v.rounds, measure=measure,
+                         explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None)
+    # the final answer, from predictors that learned from every round
+    doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
+    doc["verified"] = verified
+    doc["rounds"] = report.to_dict()
+    if as_json:
+        print_json(doc)
+        return
+    print_query(state, doc)
+    obj = request.objectives[0]
+    from archopt.optimizer.predictors import metric_direction
+    sign = 1 if metric_direction(obj) == "minimize" else -1
+    best = min((x for x in verified if x["measured"].get(obj) is not None),
+               key=lambda x: sign * x["measured"][obj], default=None)
+    state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"
+                    + (f", {report.screened} screened" if v.screen else "")
+                    + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))

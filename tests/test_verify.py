@@ -1,0 +1,68 @@
+"""Verification measures each objective under its own predictor's protocol (optimizer/verify.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from archopt.archdb import Archive
+from archopt.archdb import models as m
+from archopt.optimizer.campaign import EvalSettings
+from archopt.optimizer.verify import measurement_settings
+
+from helpers.cli_runs import evaluate
+
+
+def test_each_metric_gets_its_own_protocol_options():
+    defaults = EvalSettings(metrics=("ppl_wikitext2",), seq_len=128, max_tokens=None, shots=5)
+    protocols = {"ppl_wikitext2": {"seq_len": 128, "tokens": 4096, "split": "test"},
+                 "ppl_ptb": {"seq_len": 128, "tokens": 1024, "split": "test"},
+                 "mmlu": {"questions": 570, "shots": 0}}
+    groups = measurement_settings(protocols, ["ppl_wikitext2", "ppl_ptb", "mmlu", "ppl_wikitext2"], defaults)
+    by_metric = {metric: s for s in groups for metric in s.metrics}
+    assert sorted(by_metric) == ["mmlu", "ppl_ptb", "ppl_wikitext2"]
+    assert by_metric["ppl_wikitext2"].max_tokens == 4096 and by_metric["ppl_ptb"].max_tokens == 1024
+    assert by_metric["ppl_ptb"].ptb_split == "test" and by_metric["ppl_wikitext2"].ptb_split == "validation"
+    assert by_metric["mmlu"].max_questions == 570 and by_metric["mmlu"].shots == 0
+    # metrics that agree share one group (one evaluator, one pass over the architectures)
+    same = measurement_settings({"ppl_wikitext2": {"seq_len": 128, "tokens": 2048},
+                                 "ppl_ptb": {"seq_len": 128, "tokens": 2048, "split": "validation"}},
+                                ["ppl_wikitext2", "ppl_ptb"], defaults)
+    assert len(same) == 1 and same[0].metrics == ("ppl_wikitext2", "ppl_ptb")
+    # a metric without a predictor is measured under the defaults
+    alone = measurement_settings({}, ["ppl_ptb"], defaults)
+    assert alone == [EvalSettings(metrics=("ppl_ptb",), seq_len=128, max_tokens=None, shots=5)]
+
+
+@pytest.mark.slow
+def test_verify_keeps_each_objective_on_its_predictors_protocol(run_cli, sqlite_url, model_dir, data_dir, env):
+    """WikiText-2 learned on 160 tokens and PTB on 96: ``query --verify`` with both objectives measures
+    each under its own protocol (the last protocol used to win for both)."""
+    common = ("--samples", "6", "--uniform", "0.3", "--seed", "2", "--importance", "l2")
+    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, *common, "--metrics", "ppl_wikitext2", "--max-tokens", "160")
+    assert r.code == 0, r.err
+    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, *common, "--metrics", "ppl_ptb", "--max-tokens", "96")
+    assert r.code == 0, r.err
+    r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "85%", "--tolerance", "10%",
+                "--objectives", "ppl_wikitext2,ppl_ptb", "--verify", "1", "--data-dir", str(data_dir),
+                "--importance", "l2", "--device", "cpu", "--seq-len", "16", "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["verified"], r.err
+    archive = Archive(sqlite_url)
+    try:
+        with archive.read() as session:
+            rows = session.execute(
+                select(m.Evaluation.metric, m.Protocol.tokens)
+                .join(m.Protocol, m.Protocol.id == m.Evaluation.protocol_id)
+                .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
+                .where(m.Architecture.arch_hash == doc["verified"][0]["arch_id"])).all()
+            origin = session.scalar(select(m.Architecture.origin)
+                                    .where(m.Architecture.arch_hash == doc["verified"][0]["arch_id"]))
+    finally:
+        archive.close()
+    assert origin == "verify"  # measured by this verification, not found in the archive
+    assert sorted(rows) == [("ppl_ptb", 96), ("ppl_wikitext2", 160)]
+    assert all(v is not None for v in doc["verified"][0]["measured"].values())
