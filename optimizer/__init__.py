@@ -1,6 +1,9 @@
 """archopt's optimizer: features, accuracy predictors, search space and multi-objective search.
 
-Pure numpy / scikit-learn / Optuna: no database, no torch.
+What this package exports (features, predictors, space, search, Pareto) is numpy / scikit-learn /
+Optuna only. Its other modules read and write the archive: ``plan`` and ``training`` (predictor
+versions), ``query``, ``loop`` (rounds of query and verification) and ``starts``; ``campaign`` and
+``verify`` measure architectures through ``archopt.evaluators`` (torch, imported when they run).
 """
 
 from .encoding import LayerBatch, batch_params, encode, layer_param_coefficients
