@@ -173,21 +173,29 @@ EVAL_OPTIONS = (
     click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                  help="Weights dtype (default: float32 on CPU, bfloat16 on CUDA)."),
 )
-_EVAL_NAMES = tuple(f.name for f in dataclasses.fields(EvalOptions))
 
 
-def eval_options(func: Any) -> Any:
-    """The options that define how architectures are measured (evaluate, submit, query --verify),
-    handed to the command as one ``evaluation: EvalOptions`` argument."""
+def bundled_options(options: Sequence[Any], cls: type, argument: str) -> Callable[[Any], Any]:
+    """A decorator adding ``options`` to a command and handing their values to it as one ``cls``
+    instance (a dataclass whose fields are the options' names) in the keyword ``argument``."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
 
-    @functools.wraps(func)
-    def bundled(*args: Any, **kwargs: Any) -> Any:
-        raw = {name: kwargs.pop(name) for name in _EVAL_NAMES}
-        return func(*args, evaluation=EvalOptions(**raw), **kwargs)
+    def decorate(func: Any) -> Any:
+        @functools.wraps(func)
+        def bundled(*args: Any, **kwargs: Any) -> Any:
+            kwargs[argument] = cls(**{name: kwargs.pop(name) for name in names})
+            return func(*args, **kwargs)
 
-    for option in reversed(EVAL_OPTIONS):
-        bundled = option(bundled)
-    return bundled
+        for option in reversed(options):
+            bundled = option(bundled)
+        return bundled
+
+    return decorate
+
+
+# The options that define how architectures are measured (evaluate, submit, query --verify),
+# handed to the command as one ``evaluation: EvalOptions`` argument.
+eval_options = bundled_options(EVAL_OPTIONS, EvalOptions, "evaluation")
 
 
 def floats(text: str | None, option: str) -> list[float]:

@@ -31,8 +31,8 @@ from archopt.archdb.protocol import Protocol  # noqa: E402
 from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord  # noqa: E402
 from archopt.archdb.store import ingest_records  # noqa: E402
 from archopt.optimizer.query import QueryRequest, run_query  # noqa: E402
-from archopt.optimizer.synthetic import SyntheticTruth, random_archive  # noqa: E402
 from archopt.optimizer.training import ensure_predictors  # noqa: E402
+from helpers.synthetic import SyntheticTruth, random_archive  # noqa: E402  (tests/helpers)
 
 SPEC = BaseSpec(family="llama", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128,
                 intermediate_size=11008, vocab_size=32000)

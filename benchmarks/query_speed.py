@@ -4,7 +4,7 @@ time the search for a 5B-parameter architecture (two objectives, 20,000 candidat
     python benchmarks/query_speed.py [--candidates 20000] [--repeat 3] [--seed 0]
 
 Prints a summary and writes benchmarks/results/query_speed.json. The ground truth is the
-synthetic one of ``archopt.optimizer.synthetic`` (no model is run), so the figures measure the
+synthetic one of ``tests/helpers/synthetic.py`` (no model is run), so the figures measure the
 optimizer only: feature building, predictor training, Optuna and the vectorised search.
 """
 
@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from archopt.archdb.arch import BaseSpec, uniform_at_size
-from archopt.optimizer import Featurizer, encode, search, train_predictor
-from archopt.optimizer.synthetic import SyntheticTruth, random_archive
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic truths are test helpers
+
+from archopt.archdb.arch import BaseSpec, uniform_at_size  # noqa: E402
+from archopt.optimizer import Featurizer, encode, search, train_predictor  # noqa: E402
+from helpers.synthetic import SyntheticTruth, random_archive  # noqa: E402  (tests/helpers)
 
 LLAMA2_7B = BaseSpec("llama", 32, 4096, 32, 32, 128, 11008, 32000)
 

@@ -37,13 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from archopt.archdb import Archive
-from archopt.archdb.arch import BaseSpec
-from archopt.archdb.protocol import Protocol
-from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord
-from archopt.archdb.store import ingest_records
-from archopt.optimizer.synthetic import SyntheticTruth, random_archive
-from archopt.optimizer.training import ensure_predictors
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic truths are test helpers
+
+from archopt.archdb import Archive  # noqa: E402
+from archopt.archdb.arch import BaseSpec  # noqa: E402
+from archopt.archdb.protocol import Protocol  # noqa: E402
+from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord  # noqa: E402
+from archopt.archdb.store import ingest_records  # noqa: E402
+from archopt.optimizer.training import ensure_predictors  # noqa: E402
+from helpers.synthetic import SyntheticTruth, random_archive  # noqa: E402  (tests/helpers)
 
 LLAMA2_7B = BaseSpec("llama", 32, 4096, 32, 32, 128, 11008, 32000)
 SIDE = BaseSpec("llama", 4, 64, 8, 4, 8, 128, 100)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import click
 
-from archopt.cli import EvalOptions, State, UserError, eval_options, pass_state, server_options
+from archopt.cli import EvalOptions, State, UserError, bundled_options, eval_options, pass_state, server_options
 
 from .output import print_json, print_query, print_verified, progress_runner
 
@@ -24,6 +23,7 @@ class VerifyOptions:
     screen: int
     screen_tokens: int | None
     weights: str | None
+    starts: bool
 
     def check(self, server: str | None) -> None:
         """Refuse combinations that cannot run, before any work starts."""
@@ -53,21 +53,11 @@ VERIFY_OPTIONS = (
     click.option("--screen-tokens", type=click.IntRange(min=2), default=None,
                  help="Tokens of the cheap fidelity (default: an eighth of the full protocol's)."),
     click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
+    click.option("--starts/--no-starts", default=True, show_default=True,
+                 help="With --rounds: first measure the search-free starts at the target (rules of thumb such "
+                      "as MLP-only on LLM-Pruner's layer range, and global allocations of the importance)."),
 )
-_VERIFY_NAMES = tuple(f.name for f in dataclasses.fields(VerifyOptions))
-
-
-def verify_options(func: Any) -> Any:
-    """The ``--verify`` options, handed to the command as one ``verification: VerifyOptions``."""
-
-    @functools.wraps(func)
-    def bundled(*args: Any, **kwargs: Any) -> Any:
-        raw = {name: kwargs.pop(name) for name in _VERIFY_NAMES}
-        return func(*args, verification=VerifyOptions(**raw), **kwargs)
-
-    for option in reversed(VERIFY_OPTIONS):
-        bundled = option(bundled)
-    return bundled
+verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 
 
 @click.command()
@@ -164,17 +154,16 @@ def _queue_verify(state: State, doc: dict[str, Any], v: VerifyOptions, evaluatio
     from archopt.archdb import reads
     from archopt.archdb.arch import from_layer_dicts
     from archopt.archdb.store import spec_of
-    from archopt.optimizer.verify import measurement_settings
+    from archopt.optimizer.verify import measurement_settings, metric_protocols
 
     from .queue import submit_jobs
     defaults = evaluation.settings(seed, device="cpu")
     with state.archive.read() as session:
         spec = spec_of(reads.get_base_model(session, doc["model"]))
-        protocols = {metric: reads.protocol_dict(session, pid)
-                     for metric, pid in doc.get("predictor_protocols", {}).items() if pid is not None}
     archs = [(from_layer_dicts(spec, r["layers"]), "verify") for r in doc["results"][:v.verify]]
+    metrics = [*doc["objectives"], *defaults.metrics]
     out: dict[str, Any] = {"jobs": [], "in_archive": 0, "in_queue": 0}
-    for settings in measurement_settings(protocols, [*doc["objectives"], *defaults.metrics], defaults):
+    for settings in measurement_settings(metric_protocols(state.archive, doc, metrics), metrics, defaults):
         report = submit_jobs(state, doc["model"], archs, settings, v.weights, 0, console=state.err)
         out["jobs"] += report.enqueued
         out["in_archive"] += report.in_archive
@@ -218,7 +207,8 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
         return values
 
     report = verify_loop(state.archive, request, verify=v.verify, rounds=v.rounds, measure=measure,
-                         explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None)
+                         explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None,
+                         starts=verifier.strong_starts if v.starts else ())
     # the final answer, from predictors that learned from every round
     doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
     doc["verified"] = verified

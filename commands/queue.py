@@ -190,9 +190,7 @@ def jobs_retry(state: State, job_ids: tuple[int, ...]) -> None:
       archopt jobs retry 17 18
     """
     from archopt.jobqueue import retry_jobs
-    done = retry_jobs(queue_url(state), job_ids)
-    state.out.print(f"requeued {len(done)} job(s)" + (f"; not failed, left alone: "
-                    f"{', '.join(str(j) for j in job_ids if j not in done)}" if len(done) < len(job_ids) else ""))
+    _report(state, "requeued", "not failed, left alone", job_ids, retry_jobs(queue_url(state), job_ids))
 
 
 @jobs.command("cancel")
@@ -206,7 +204,10 @@ def jobs_cancel(state: State, job_ids: tuple[int, ...]) -> None:
       archopt jobs cancel 19 20
     """
     from archopt.jobqueue import cancel_jobs
-    done = cancel_jobs(queue_url(state), job_ids)
-    state.out.print(f"cancelled {len(done)} job(s)" + (f"; already finished or unknown: "
-                    f"{', '.join(str(j) for j in job_ids if j not in done)}" if len(done) < len(job_ids) else ""))
+    _report(state, "cancelled", "already finished or unknown", job_ids, cancel_jobs(queue_url(state), job_ids))
 
+
+def _report(state: State, done_word: str, others_word: str, asked: tuple[int, ...], done: list[int]) -> None:
+    """``requeued 2 job(s); not failed, left alone: 19`` (the ids that were not acted on, if any)."""
+    others = [str(j) for j in asked if j not in done]
+    state.out.print(f"{done_word} {len(done)} job(s)" + (f"; {others_word}: {', '.join(others)}" if others else ""))

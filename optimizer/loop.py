@@ -30,6 +30,14 @@ value, where the predictors reach about 0.6 there (benchmarks/README.md). The ch
 stored as evaluations under their own protocol; predictors of the full protocol learn from them
 too (``training``: mapped onto the full scale by a fit on architectures measured both ways).
 
+Strong starts (``starts``): architectures that search-free methods give for the target
+(``optimizer.starts.strong_starts``: rules of thumb such as "MLP only, LLM-Pruner's layer range",
+and a FLAP-style global allocation). The first round measures those not yet measured under the
+predictors' protocols before anything else (one ``measure`` call, counted in ``budget``), then asks
+the query again, so its own picks come from predictors that have seen them and from their
+neighbourhood (they are incumbents now). The loop's best measured architecture is therefore never
+worse than the best start: the loop begins where the rules of thumb end.
+
 Torch-free: measuring is the caller's ``measure`` (and ``measure_cheap``) callback.
 """
 
@@ -48,6 +56,7 @@ from archopt.archdb.arch import Architecture, from_layer_dicts
 from archopt.archdb.archive import Archive
 from archopt.archdb.store import spec_of
 
+from .encoding import encode
 from .predictors import metric_direction
 from .query import QueryRequest, run_query
 from .search import neighbours
@@ -69,6 +78,7 @@ class LoopRound:
     seconds_measure: float
     screened: int = 0                   # architectures measured at the cheap fidelity this round
     seconds_screen: float = 0.0
+    starts: list[str] = field(default_factory=list)   # of ``verified``: the strong starts measured first
 
 
 @dataclass
@@ -152,7 +162,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 on_round: Callable[[LoopRound, dict[str, Any]], Any] | None = None, screen: int = 0,
                 measure_cheap: Callable[[list[Architecture], list[dict[str, Any]], dict[str, Any]],
                                         Sequence[float | None]] | None = None, local: float = 0.5,
-                min_distance: float = 0.01) -> LoopReport:
+                min_distance: float = 0.01,
+                starts: Sequence[Architecture | tuple[str, Architecture]]
+                | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = ()) -> LoopReport:
     """Run up to ``rounds`` rounds of query -> verify ``verify`` -> retrain (see the module doc).
 
     ``measure(architectures, picks, doc)`` must prune, measure and store the architectures in
@@ -166,6 +178,12 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     neighbourhood of the best measured architectures (see the module doc). ``min_distance``: the
     mean per-layer change in kept fractions that candidates of one round keep between them
     (``pick_to_verify``; half of it among the screened ones verified).
+    ``starts``: architectures (or ``(name, architecture)`` pairs) the first round measures before
+    anything else where they lack a value under the predictors' protocols (see the module doc);
+    their rows in ``picks`` have ``origin`` ``"start"`` and ``start`` the name. A callable gets the
+    first query document (``doc["target_params"]``) and returns them: e.g. ``lambda doc:
+    strong_starts(spec, doc["target_params"], imp.kv_group, imp.channel)``, loading the model
+    only once a round needs it.
     """
     if not 0.0 <= local <= 1.0:
         raise ValueError("local must lie in [0, 1]")
@@ -192,6 +210,32 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         if spec is None:
             with archive.read() as session:
                 spec = spec_of(reads.get_base_model(session, doc["model"]))
+        start_ids: list[str] = []
+        start_pred: dict[str, float] = {}
+        tm = 0.0
+        if r == 0 and starts:
+            rows = _start_rows(archive, doc, spec, starts(doc) if callable(starts) else starts)
+            if budget is not None:
+                rows = rows[:budget - spent]
+            if rows:
+                t = time.perf_counter()
+                measure([from_layer_dicts(spec, p["layers"]) for p in rows], rows, doc)
+                tm = time.perf_counter() - t
+                start_ids = [p["arch_id"] for p in rows]
+                start_pred = {p["arch_id"]: float(p["predicted"].get(objective, math.nan)) for p in rows}
+                chosen.update(start_ids)
+                spent += len(start_ids)
+                k = verify if budget is None else min(verify, budget - spent)
+                t = time.perf_counter()
+                if k > 0:   # ask again: predictors and incumbents now include the starts
+                    doc = run_query(archive, dataclasses.replace(request, top=min(200, pool), seed=request.seed + r,
+                                                                 fill=True))
+                tq += time.perf_counter() - t
+        if k <= 0:
+            report.rounds.append(LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})),
+                                           start_ids, start_pred, round(tq, 3), round(tm, 3), starts=start_ids))
+            report.stopped = "budget"
+            break
         near = _neighbour_rows(archive, doc, spec, objective, pool, request.seed + 7919 * (r + 1)) if local else []
 
         def candidates(n: int, skip: set[str]) -> list[dict[str, Any]]:
@@ -218,24 +262,70 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         else:
             picks = candidates(k, set(chosen))
         if not picks:
+            if start_ids:
+                report.rounds.append(LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})),
+                                               start_ids, start_pred, round(tq, 3), round(tm, 3), n_screened,
+                                               round(ts, 3), starts=start_ids))
             report.stopped = "nothing new"
             break
         archs = [from_layer_dicts(spec, p["layers"]) for p in picks]
         t = time.perf_counter()
         measure(archs, picks, doc)
-        tm = time.perf_counter() - t
+        tm += time.perf_counter() - t
         ids = [p["arch_id"] for p in picks]
         chosen.update(ids)
         spent += len(ids)
-        rnd = LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})), ids,
-                        {p["arch_id"]: float(p["predicted"][objective]) for p in picks}, round(tq, 3), round(tm, 3),
-                        n_screened, round(ts, 3))
+        rnd = LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})), start_ids + ids,
+                        {**start_pred, **{p["arch_id"]: float(p["predicted"][objective]) for p in picks}},
+                        round(tq, 3), round(tm, 3), n_screened, round(ts, 3), starts=start_ids)
         report.rounds.append(rnd)
         if on_round is not None:
             on_round(rnd, doc)
     else:
         report.stopped = "rounds"
     return report
+
+
+def _start_rows(archive: Archive, doc: dict[str, Any], spec: Any,
+                starts: Sequence[Architecture | tuple[str, Architecture]]) -> list[dict[str, Any]]:
+    """Result rows (with predictions) of the distinct ``starts`` that lack a value of some objective
+    under the predictors' protocols."""
+    named = [s if isinstance(s, tuple) else ("start", s) for s in starts]
+    objectives = list(doc["objectives"])
+    with archive.read() as session:
+        base = reads.get_base_model(session, doc["model"])
+        done: set[str] | None = None
+        for obj in objectives:
+            pid = doc.get("predictor_protocols", {}).get(obj)
+            pairs = reads.training_pairs(session, base, obj, pid) if pid is not None else []
+            have = {a.arch_hash for a, _, _ in pairs}
+            done = have if done is None else done & have
+    done = done or set()
+    todo: dict[str, tuple[str, Architecture]] = {}
+    for name, arch in named:
+        arch_id = arch.arch_id(doc["model"])
+        if arch_id not in done:
+            todo.setdefault(arch_id, (name, arch))
+    if not todo:
+        return []
+    archs = [a for _, a in todo.values()]
+    means: dict[str, np.ndarray] = {}
+    stds: dict[str, np.ndarray] = {}
+    trained = ensure_predictors(archive, doc["model"], objectives, retrain=False)
+    batch = encode(archs, spec)
+    for obj, t in trained.items():
+        try:
+            means[obj], stds[obj] = t.predictor.predict_architectures(batch)
+        except ValueError:   # no featurizer: shown without a prediction
+            means[obj] = stds[obj] = np.full(len(archs), math.nan)
+    rows = []
+    for i, (arch_id, (name, arch)) in enumerate(todo.items()):
+        rows.append({"rank": None, "arch_id": arch_id, "params": arch.params, "fraction": round(arch.fraction(), 6),
+                     "predicted": {o: float(v[i]) for o, v in means.items()},
+                     "uncertainty": {o: float(v[i]) for o, v in stds.items()}, "measured": {},
+                     "sketch": arch.sketch(), "origin": "start", "start": name, "on_front": False,
+                     "layers": arch.layer_dicts()})
+    return rows
 
 
 def _distinct(rows: list[dict[str, Any]], k: int, spec: Any, min_distance: float) -> list[dict[str, Any]]:

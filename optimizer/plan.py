@@ -82,7 +82,7 @@ def _choice(session: Session, base: m.BaseModel, metric: str, explicit: int | No
         row = family_row(session, base, metric)
         if row is None:
             if not family_sources(session, base, metric):
-                raise nothing_to_borrow(base, metric)
+                raise nothing_to_borrow(session, base, metric)
             return PredictorChoice(metric, None, None, None, True, (), False, False)
         return PredictorChoice(metric, row.protocol_id, row.id, row.version, True,
                                tuple((row.trained_on or {}).get("borrowed_from", [])), False, *_integrity(row))
@@ -137,9 +137,16 @@ def family_sources(session: Session, base: m.BaseModel, metric: str) -> list[tup
     return out
 
 
-def nothing_to_borrow(base: m.BaseModel, metric: str) -> PredictorError:
-    return PredictorError(f"{base.name}: fewer than {MIN_TRAIN} {metric} evaluations of its own and no other "
-                          f"{base.family} model in the archive to borrow a predictor from (run archopt evaluate)")
+def nothing_to_borrow(session: Session, base: m.BaseModel, metric: str) -> PredictorError:
+    """The error for a metric with too few evaluations of its own and no family model to learn from."""
+    own = own_pairs(session, base, metric)
+    if own:
+        have = f"fewer than {MIN_TRAIN} {metric} evaluations ({own})"
+    else:
+        known = reads.metrics_of(session, base)
+        have = f"no {metric} evaluations" + (f" (it has: {', '.join(known[:6])})" if known else "")
+    return PredictorError(f"{base.name} has {have} and no other {base.family} model in the archive to borrow a "
+                          "predictor from (run archopt evaluate)")
 
 
 def own_pairs(session: Session, base: m.BaseModel, metric: str) -> int:

@@ -60,14 +60,19 @@ def dumps(predictor: Predictor) -> tuple[bytes, str]:
 
 
 def loads(row: m.PredictorVersion) -> Predictor:
-    """Unpickle a stored artifact after checking its hash and the scikit-learn version."""
+    """Unpickle a stored artifact after checking its hash and the scikit-learn version; an artifact
+    whose classes no longer exist (an older archopt's) is stale: retrain it."""
     if hashlib.sha256(row.artifact).hexdigest() != row.artifact_sha256:
         raise PredictorError(f"predictor {row.metric} v{row.version}: artifact hash mismatch (tampered or "
                              "corrupted); retrain with `archopt predictors train`")
     stored = (row.library_versions or {}).get("scikit-learn")
     if stored != library_versions()["scikit-learn"]:
         raise StalePredictor(f"predictor {row.metric} v{row.version} was made by scikit-learn {stored}")
-    predictor = joblib.load(io.BytesIO(row.artifact))
+    try:
+        predictor = joblib.load(io.BytesIO(row.artifact))
+    except (AttributeError, ImportError) as exc:  # pickled with classes this archopt no longer has
+        raise StalePredictor(f"predictor {row.metric} v{row.version} was made by another archopt "
+                             f"({str(exc).splitlines()[0][:120]}); retrain it") from None
     if not isinstance(predictor, Predictor):
         raise PredictorError(f"predictor {row.metric} v{row.version}: artifact is not an archopt predictor")
     return predictor
@@ -189,7 +194,7 @@ def ensure_predictors(archive: Archive, model: str, metrics: Sequence[str], *, r
         with archive.read() as session:
             base = reads.get_base_model(session, model)
             choice = plan_predictors(session, base, [metric], protocols=protocols)[metric]
-            if not force and not choice.needs_training(retrain):
+            if not force and not choice.check().needs_training(retrain):
                 row = session.get(m.PredictorVersion, choice.row_id)
                 try:
                     predictor = loads(row)
@@ -215,7 +220,7 @@ def usable_rows(archive: Archive, model: str, metrics: Sequence[str], *, retrain
     database alone, nothing unpickled); None when any metric needs a new version."""
     with archive.read() as session:
         plan = plan_predictors(session, reads.get_base_model(session, model), metrics)
-    if any(c.needs_training(retrain) for c in plan.values()):
+    if any(c.check().needs_training(retrain) for c in plan.values()):
         return None
     return {metric: c.row_id for metric, c in plan.items()}
 
@@ -228,7 +233,7 @@ def train_family_version(session: Session, base: m.BaseModel, metric: str, *,
     featurizer = Featurizer(feature_set="family")
     sources = family_sources(session, base, metric)
     if not sources:
-        raise nothing_to_borrow(base, metric)
+        raise nothing_to_borrow(session, base, metric)
     parts, targets, eval_ids, names, sizes = [], [], [], [], {}
     for other, pid in sources:
         pairs = reads.training_pairs(session, other, metric, pid)

@@ -5,12 +5,12 @@ workers and benchmarks/search_quality.py all measure through this module:
 
 - ``measurement_settings``: one ``EvalSettings`` per group of metrics that share protocol options.
   Each objective with a predictor is measured under that predictor's own protocol (its window,
-  tokens, split, questions, shots), so the next query learns from the result; other metrics use
-  the caller's defaults. Two perplexities under protocols of different token counts are two groups.
+  tokens, split, questions, shots), so the next query learns from the result; other metrics under
+  their default protocol in the archive, else the caller's defaults (``metric_protocols``). Two perplexities under protocols of different token counts are two groups.
 - ``CampaignCache``: loaded campaigns by (weights, settings). A base model is loaded and its
   importance computed once; settings that differ only in what they measure reuse it.
-- ``Verifier``: the measure / measure-cheap callbacks of ``optimizer.loop.verify_loop`` and the
-  one-round ``verify`` of ``archopt query --verify K``.
+- ``Verifier``: the measure / measure-cheap / strong-starts callbacks of ``optimizer.loop.verify_loop``
+  and the one-round ``verify`` of ``archopt query --verify K``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 
 OnResult = Callable[[int, int, Any], Any]
 
-__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "reachable"]
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "metric_protocols", "reachable"]
 
 
 class VerifyError(ArchoptError, RuntimeError):
@@ -46,6 +46,21 @@ def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence
         options = _protocol_options(metric, protocols.get(metric), defaults)
         groups.setdefault(dataclasses.replace(defaults, metrics=(), **options), []).append(metric)
     return [dataclasses.replace(s, metrics=tuple(names)) for s, names in groups.items()]
+
+
+def metric_protocols(archive: Archive, doc: dict[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Metric -> the protocol (``reads.protocol_dict``) to measure it under for a query document:
+    its predictor's protocol, else the metric's default protocol in the archive (most evaluations),
+    else none (the command line's options then decide)."""
+    chosen = {m: pid for m, pid in doc.get("predictor_protocols", {}).items() if pid is not None}
+    with archive.read() as session:
+        base = reads.get_base_model(session, doc["model"])
+        for metric in metrics:
+            if metric not in chosen:
+                pid = reads.default_protocol(session, base, metric)
+                if pid is not None:
+                    chosen[metric] = pid
+        return {metric: reads.protocol_dict(session, pid) for metric, pid in chosen.items() if metric in metrics}
 
 
 def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSettings) -> dict[str, Any]:
@@ -127,10 +142,8 @@ class Verifier:
 
     def settings(self, doc: dict[str, Any]) -> list[EvalSettings]:
         """The settings groups that measure a query document's objectives (and the extra metrics)."""
-        with self.archive.read() as session:
-            protocols = {metric: reads.protocol_dict(session, pid)
-                         for metric, pid in doc.get("predictor_protocols", {}).items() if pid is not None}
-        return measurement_settings(protocols, [*doc["objectives"], *self.extra_metrics], self.defaults)
+        metrics = [*doc["objectives"], *self.extra_metrics]
+        return measurement_settings(metric_protocols(self.archive, doc, metrics), metrics, self.defaults)
 
     def campaigns(self, doc: dict[str, Any]) -> list[Campaign]:
         return [self.cache.get(self.location, s, self.model) for s in self.settings(doc)]
@@ -161,6 +174,13 @@ class Verifier:
         top = doc["results"][:k]
         self.measure(self.architectures(top), doc, on_result)
         return self.measured(top, doc)
+
+    def strong_starts(self, doc: dict[str, Any]) -> list[tuple[str, Architecture]]:
+        """The search-free starts at the query's target (``optimizer.starts.strong_starts``: rules
+        of thumb and global allocations of the loaded model's importance): ``verify_loop``'s ``starts``."""
+        from .starts import strong_starts
+        importance = self.campaigns(doc)[0].importance
+        return strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
                       on_screening: Callable[[str, int, int], Any] | None = None) -> list[float | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,22 +11,9 @@ from sqlalchemy import func, select
 from archopt.archdb import Archive
 from archopt.archdb import models as m
 
+from helpers.cli_runs import counts, evaluate
+
 pytestmark = pytest.mark.slow
-
-
-def evaluate(run_cli, db: str, model_dir: Path, data_dir: Path, *extra: str):
-    return run_cli("--db", db, "evaluate", "--model", str(model_dir), "--data-dir", str(data_dir),
-                   "--metrics", "ppl_wikitext2,ppl_ptb", "--seq-len", "16", "--device", "cpu", *extra)
-
-
-def counts(db: str) -> tuple[int, int]:
-    archive = Archive(db)
-    try:
-        with archive.read() as session:
-            return (session.scalar(select(func.count()).select_from(m.Architecture)),
-                    session.scalar(select(func.count()).select_from(m.Evaluation)))
-    finally:
-        archive.close()
 
 
 def test_evaluate_fills_archive_and_rerun_skips(run_cli, sqlite_url, model_dir, data_dir, env):

@@ -458,7 +458,7 @@ def monkeypatch_cwd(tmp_path_factory: pytest.TempPathFactory):
 # --- HTTP bodies (the service, over a real socket) ----------------------------------------------------
 @pytest.fixture(scope="module")
 def served(target: Target):
-    from test_service_api import TOKEN, serving
+    from helpers.service import TOKEN, serving
     with serving(target.url) as server:
         yield server, TOKEN
 

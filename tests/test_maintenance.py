@@ -6,7 +6,7 @@ from sqlalchemy import update
 
 from archopt.archdb import Archive
 from archopt.archdb import models as m
-from test_query_archive import fill
+from helpers.archives import fill
 from archopt.optimizer.training import ensure_predictors
 
 

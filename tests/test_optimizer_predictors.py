@@ -1,4 +1,4 @@
-"""Predictors on synthetic archives whose ground truth is known (optimizer.synthetic).
+"""Predictors on synthetic archives whose ground truth is known (tests/helpers/synthetic.py).
 
 Thresholds. The truth is log PPL = a + sum_l w(z_l) r_a^1.5 + v(z_l) r_m^2 with two depth peaks
 (first and last layer) 13x more sensitive, plus noise 0.01 in log PPL. With 200 random training
@@ -16,7 +16,8 @@ import pytest
 
 from archopt.optimizer import Featurizer, build_space, size_window, train_predictor
 from archopt.optimizer.predictors import kendall_tau
-from archopt.optimizer.synthetic import SyntheticTruth, random_archive
+
+from helpers.synthetic import SyntheticTruth, random_archive
 
 from archopt.archdb.arch import BaseSpec
 

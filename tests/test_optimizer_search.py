@@ -11,7 +11,8 @@ from archopt.archdb.arch import BaseSpec, uniform_at_size
 from archopt.optimizer import (Featurizer, build_space, encode, pareto_mask, search, size_window,
                                train_predictor)
 from archopt.optimizer.predictors import kendall_tau
-from archopt.optimizer.synthetic import OraclePredictor, SyntheticTruth, greedy_optimum, random_archive
+
+from helpers.synthetic import OraclePredictor, SyntheticTruth, greedy_optimum, random_archive
 
 SMALL = BaseSpec("llama", 16, 256, 8, 4, 32, 688, 1000)
 TRUTH = SyntheticTruth(noise=0.01, seed=3)

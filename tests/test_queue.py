@@ -16,12 +16,13 @@ from sqlalchemy import func, select
 
 from archopt.archdb import Archive
 from archopt.archdb import models as m
-from archopt.optimizer.jobs import conninfo
+from archopt.jobqueue import conninfo, run_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 EVAL = ("--metrics", "ppl_wikitext2,ppl_ptb", "--seq-len", "16", "--importance", "l2")
 ARCHOPT = str(Path(sys.executable).with_name("archopt"))
+SLOW_WORKER = str(Path(__file__).parent / "helpers" / "slow_worker.py")  # archopt whose measurements then sleep
 
 
 @pytest.fixture
@@ -39,8 +40,10 @@ def queue_db(pg_server, run_cli, model_dir, data_dir, env) -> str:
 
 
 def worker(url: str, data_dir: Path, *extra: str, delay: float = 0) -> subprocess.Popen:
-    env = {**os.environ, "ARCHOPT_TEST_JOB_DELAY": str(delay), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([ARCHOPT, "--db", url, "worker", "--device", "cpu", "--data-dir", str(data_dir),
+    """An ``archopt worker`` process; with ``delay``, each job stays in hand that long after its result is written."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, SLOW_WORKER, str(delay)] if delay else [ARCHOPT]
+    return subprocess.Popen([*command, "--db", url, "worker", "--device", "cpu", "--data-dir", str(data_dir),
                              "--poll", "0.3", "--heartbeat", "0.5", "--stall-timeout", "3", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -86,7 +89,7 @@ def test_two_workers_drain_the_queue_once_even_when_one_is_killed(run_cli, queue
     assert r.code == 0, r.err
     assert json.loads(r.out)["counts"] == {"todo": 8}
     start = time.monotonic()
-    # worker A writes its first result, then is still "in" that job (test delay) when it is killed outright
+    # worker A writes its first result, then is still "in" that job (slow_worker) when it is killed outright
     a = worker(url, data_dir, "--name", "doomed", delay=90)
     deadline = time.monotonic() + 90
     while eval_counts(url)[1] < 4:  # the base's two values, then A's two
@@ -144,7 +147,7 @@ def test_bad_model_path_fails_after_its_attempts_and_sigterm_finishes_the_job(ru
     # SIGTERM while a job is in hand: the job finishes, then the worker exits
     r = submit(run_cli, url, data_dir, "--arch", "uniform:0.5")
     assert r.code == 0 and "enqueued 1 job(s)" in r.out, r.out + r.err
-    while eval_counts(url)[1] < 4:  # written; the worker is now in its test delay
+    while eval_counts(url)[1] < 4:  # written; the worker now sleeps in that job (slow_worker)
         assert time.monotonic() < deadline and w.poll() is None, "the good job never ran"
         time.sleep(0.3)
     w.send_signal(signal.SIGTERM)
@@ -157,6 +160,17 @@ def test_bad_model_path_fails_after_its_attempts_and_sigterm_finishes_the_job(ru
     assert r.code == 0 and "cancelled 1 job(s)" in r.out
     assert sql(url, "SELECT status::text FROM procrastinate.procrastinate_jobs WHERE id = %s", rows[0][0]) == [
         ("cancelled",)]
+
+
+def test_max_jobs_stops_the_worker_and_each_run_owns_its_state(run_cli, queue_db, data_dir):
+    url = queue_db
+    r = submit(run_cli, url, data_dir, "--samples", "2", "--seed", "5")
+    assert r.code == 0 and "enqueued 2 job(s)" in r.out, r.out + r.err
+    for left in (1, 0):  # two runs in one process: each counts only its own job, then stops
+        assert run_worker(url, data_dir=str(data_dir), max_jobs=1, poll=0.3, heartbeat=0.5, stall_timeout=3,
+                          name="batch") == 1
+        assert sql(url, "SELECT count(*) FROM procrastinate.procrastinate_jobs WHERE status = 'todo'") == [(left,)]
+    assert eval_counts(url) == (3, 6, 0)
 
 
 @pytest.mark.parametrize("args", [("jobs",), ("jobs", "retry", "1"), ("worker", "--max-jobs", "1"),

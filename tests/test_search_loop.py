@@ -12,8 +12,8 @@ from archopt.optimizer.encoding import encode
 from archopt.optimizer.loop import pick_to_verify, verify_loop
 from archopt.optimizer.query import QueryRequest
 
-from archopt.optimizer.synthetic import SyntheticTruth
-from test_query_archive import SPEC, TRUTH, fill, record_ppl
+from helpers.archives import SPEC, TRUTH, fill, record_ppl
+from helpers.synthetic import SyntheticTruth
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_verify_loop_measures_new_architectures_each_round_and_retrains(archive)
 @pytest.mark.slow
 def test_query_rounds_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypatch):
     import tiny_models as tm
-    from test_campaign_cli import counts, evaluate
+    from helpers.cli_runs import counts, evaluate
     monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
     model_dir = tm.save_tiny("llama_gqa_odd", tmp_path / "tiny-gqa")
     data_dir = tm.write_local_data(tmp_path / "data")

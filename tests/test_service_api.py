@@ -5,6 +5,7 @@ concurrent clients. The server is uvicorn in a thread on 127.0.0.1; the client i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import io
 import json
@@ -21,25 +22,12 @@ from archopt.archdb import Archive
 from archopt.archdb import models as m
 from archopt.archdb.reads import export_records
 from archopt.optimizer.training import ensure_predictors
-from archopt.service.app import ServiceConfig, create_app
 from archopt.service.client import Client, ServerError
 from archopt.service.documents import arch_document, archs_document, models_document
-from archopt.service.server import BackgroundServer
 
 from conftest import MMLU, TINY_BASE, WIKI, Examples  # noqa: E402  (shared test data)
-from test_query_archive import fill  # noqa: E402  (synthetic archives with a known truth)
-
-TOKEN = "test-token-0123456789"
-MAX_BODY = 64 * 1024
-
-
-@contextlib.contextmanager
-def serving(url: str, **config: Any):
-    app = create_app(ServiceConfig(db=url, **{"token": TOKEN, "max_body": MAX_BODY, "search_processes": 0,
-                                              **config}))
-    with BackgroundServer(app) as server:
-        server.service = app.state.service
-        yield server
+from helpers.archives import SPEC, fill  # noqa: E402  (synthetic archives with a known truth)
+from helpers.service import MAX_BODY, TOKEN, serving  # noqa: E402  (the server in a thread)
 
 
 def snapshot(archive: Archive) -> str:
@@ -373,10 +361,32 @@ def test_predictors_train_in_the_background_never_in_a_query(sqlite_url):
         fresh = c.post_json("/v1/query", {"model": "synth", "params": "75%", "top": 3})
         assert fresh["predictor_versions"] == {"ppl_wikitext2": 2}
         assert fresh["predictors_stale"] == {"ppl_wikitext2": False} and fresh["query_id"] != first["query_id"]
-        # too few evaluations for a first predictor is a clear 422, not a 503 loop
-        fill(archive, 3, seed=9, model="small")
+        # too few evaluations and no model of the family to borrow from: a clear 422, not a 503 loop
+        fill(archive, 3, seed=9, model="small", spec=dataclasses.replace(SPEC, family="mistral"))
         err = error_of(lambda: c.post_json("/v1/query", {"model": "small", "params": "80%"}))
-        assert err.status == 422 and "needs at least" in str(err)
+        assert err.status == 422 and "borrow" in str(err)
+    archive.close()
+
+
+def test_service_borrows_a_family_predictor_as_the_cli_does(sqlite_url):
+    """A model with fewer than 5 evaluations is answered over HTTP with the family predictor that
+    ``archopt query`` uses (the service's own choice of predictor used to answer 422), and a
+    tampered artifact is refused by both."""
+    from archopt.optimizer.query import QueryRequest, run_query
+    archive = Archive(sqlite_url)
+    fill(archive, 40)
+    fill(archive, 3, seed=9, model="small")
+    cli_doc = run_query(archive, QueryRequest(model="small", params="80%", top=3))
+    assert cli_doc["predictors_borrowed_from"] == {"ppl_wikitext2": ["synth"]}
+    with serving(sqlite_url, retrain_interval=3600, state_ttl=0) as server:
+        doc = Client(server.url, TOKEN).query({"model": "small", "params": "80%", "top": 3}, wait_s=120)
+        assert doc["predictors_borrowed_from"] == cli_doc["predictors_borrowed_from"]
+        assert doc["predictor_versions"] == cli_doc["predictor_versions"] and doc["query_id"] == cli_doc["query_id"]
+        with archive.write() as session:
+            row = session.scalar(select(m.PredictorVersion).where(m.PredictorVersion.feature_set == "family"))
+            row.artifact = row.artifact[:-1] + bytes([row.artifact[-1] ^ 0xFF])
+        err = error_of(lambda: Client(server.url, TOKEN).post_json("/v1/query", {"model": "small", "params": "79%"}))
+        assert err.status == 422 and "hash mismatch" in str(err)
     archive.close()
 
 

@@ -15,7 +15,7 @@ from archopt.service.app import ServiceConfig, create_app
 from archopt.service.server import BackgroundServer
 
 from conftest import TINY_BASE, WIKI  # noqa: E402  (shared test data)
-from test_query_archive import fill  # noqa: E402  (synthetic archives with a known truth)
+from helpers.archives import fill  # noqa: E402  (synthetic archives with a known truth)
 
 TOKEN = "cli-token-abcdef"
 

@@ -22,7 +22,7 @@ from archopt.optimizer.training import ensure_predictors
 from archopt.service.app import ServiceConfig, create_app
 from archopt.service.server import BackgroundServer
 
-from test_query_archive import MMLU, PPL, fill  # noqa: E402  (synthetic archives with a known truth)
+from helpers.archives import MMLU, PPL, fill  # noqa: E402  (synthetic archives with a known truth)
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -66,3 +66,22 @@ def test_verify_keeps_each_objective_on_its_predictors_protocol(run_cli, sqlite_
     assert origin == "verify"  # measured by this verification, not found in the archive
     assert sorted(rows) == [("ppl_ptb", 96), ("ppl_wikitext2", 160)]
     assert all(v is not None for v in doc["verified"][0]["measured"].values())
+
+
+@pytest.mark.slow
+def test_rounds_measure_the_strong_starts_first(run_cli, sqlite_url, model_dir, data_dir, env):
+    """``query --verify K --rounds R`` begins with the rules of thumb and global allocations at the
+    target (measured before its own picks), so its best is never worse than the best of them."""
+    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "6", "--seed", "1", "--importance", "l2",
+                 "--metrics", "ppl_wikitext2", "--max-tokens", "160")
+    assert r.code == 0, r.err
+    r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "85%", "--tolerance", "5%",
+                "--verify", "1", "--rounds", "2", "--data-dir", str(data_dir), "--importance", "l2",
+                "--device", "cpu", "--seq-len", "16", "--metrics", "ppl_wikitext2", "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    first = doc["rounds"]["rounds"][0]
+    assert first["starts"] and first["verified"][:len(first["starts"])] == first["starts"]
+    measured = {v["arch_id"]: v["measured"]["ppl_wikitext2"] for v in doc["verified"]}
+    assert set(first["starts"]) <= set(measured) and all(measured[a] is not None for a in first["starts"])
+    assert min(measured.values()) <= min(measured[a] for a in first["starts"])

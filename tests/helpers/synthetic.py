@@ -21,8 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from archopt.archdb.arch import BaseSpec
-
-from .encoding import LayerBatch
+from archopt.optimizer.encoding import LayerBatch
 
 __all__ = ["SyntheticTruth", "random_archive", "OraclePredictor", "greedy_optimum"]
 
@@ -122,7 +121,7 @@ class OraclePredictor:
     testing a search apart from learning. Reports no feature importances."""
 
     def __init__(self, truth: SyntheticTruth, metric: str, spec: BaseSpec) -> None:
-        from .predictors import metric_direction
+        from archopt.optimizer.predictors import metric_direction
         self.truth, self.metric, self.spec = truth, metric, spec
         self.featurizer = _OracleFeaturizer(spec.num_layers)
         self.direction = metric_direction(metric)
@@ -144,7 +143,7 @@ def greedy_optimum(truth: SyntheticTruth, spec: BaseSpec, hi: int, *, mlp_min: i
     from the full model, remove one KV group or one ``chunk`` of MLP channels at a time, always the
     unit with the smallest increase of log PPL per parameter removed. The truth is separable and
     convex per layer, so this is optimal up to about one unit. Returns ``(batch of 1, log PPL)``."""
-    from .encoding import layer_param_coefficients
+    from archopt.optimizer.encoding import layer_param_coefficients
     L = spec.num_layers
     idx = list(range(L)) if layers is None else list(layers)
     per_kv, per_ch, _ = layer_param_coefficients(spec)
