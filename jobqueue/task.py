@@ -43,12 +43,16 @@ class WorkerState:
     config: WorkerConfig
     archive: Archive
     stop: Callable[[], None] = lambda: None
-    campaigns: dict[Any, Any] = field(default_factory=dict)
+    campaigns: Any = None   # optimizer.verify.CampaignCache of this run
     running: int = 0
     finished: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        from archopt.optimizer.verify import CampaignCache
+        self.campaigns = CampaignCache(self.archive)
 
     def job_started(self) -> None:
         with self._lock:
@@ -69,13 +73,13 @@ class WorkerState:
         with self._lock:
             return 0.0 if self.running else time.monotonic() - self.last_activity
 
-    def campaign(self, key: Any, load: Callable[[], Any]) -> Any:
-        """The campaign of ``key`` (model, settings), loaded once by ``load``."""
+    def campaign(self, location: str, settings: Any, model: str) -> Any:
+        """The campaign measuring ``settings`` on ``model``: a base model is loaded once per run and
+        shared by every settings of it (``optimizer.verify.CampaignCache``)."""
         with self._load_lock:
-            campaign = self.campaigns.get(key)
-            if campaign is None:
-                campaign = self.campaigns[key] = load()
-            return campaign
+            if not self.campaigns.has(location, settings, model):
+                log.info("loading %s (%s) on %s", model, location, self.config.device)
+            return self.campaigns.get(location, settings, model)
 
 
 def evaluate_task(context: Any, model: str, location: str, arch_id: str, layers: list[dict[str, Any]],
@@ -102,7 +106,7 @@ def evaluate_task(context: Any, model: str, location: str, arch_id: str, layers:
 def _evaluate(state: WorkerState, job_id: int, model: str, location: str, arch_id: str,
               layers: list[dict[str, Any]], origin: str, settings: dict[str, Any]) -> dict[str, Any]:
     from archopt.archdb.arch import from_layer_dicts
-    from archopt.optimizer.campaign import Campaign, EvalSettings
+    from archopt.optimizer.campaign import EvalSettings
     config = state.config
     values = dict(settings)
     values["metrics"] = tuple(values["metrics"])
@@ -111,11 +115,7 @@ def _evaluate(state: WorkerState, job_id: int, model: str, location: str, arch_i
     values["data_dir"] = config.data_dir
     eval_settings = EvalSettings(**values)
 
-    def load() -> Any:
-        log.info("loading %s (%s) on %s", model, location, config.device)
-        return Campaign(state.archive, location, eval_settings, model)
-
-    campaign = state.campaign((location, model, eval_settings), load)  # one load per (model, settings)
+    campaign = state.campaign(location, eval_settings, model)
     arch = from_layer_dicts(campaign.base.spec, layers)
     if arch.arch_id(campaign.name) != arch_id:
         raise QueueError(f"job architecture {arch_id[:12]} does not match the loaded model {campaign.name}")

@@ -96,6 +96,10 @@ class CampaignCache:
         self.archive = archive
         self._campaigns: dict[tuple[str, str, EvalSettings], Campaign] = {}
 
+    def has(self, location: str, settings: EvalSettings, name: str) -> bool:
+        """True when ``get`` would load nothing (this model is loaded already)."""
+        return any(loc == location and n == name for loc, n, _ in self._campaigns)
+
     def get(self, location: str, settings: EvalSettings, name: str) -> Campaign:
         key = (location, name, settings)
         found = self._campaigns.get(key)
