@@ -19,10 +19,10 @@ from .records import ArchRecord, RecordError, parse_record
 
 CSV_COLUMNS = ("model", "arch_id", "architecture", "origin", "importance", "calibration", "metric", "value",
                "dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "tokens", "questions",
-               "shots", "tool", "tool_version", "protocol_extra", "source", "device", "duration_s",
+               "shots", "tool", "tool_version", "precision", "protocol_extra", "source", "device", "duration_s",
                "created_at", "retracted_at", "retract_reason", "base_model")
 _PROTOCOL_INT = ("seq_len", "tokens", "questions", "shots")
-_PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "tool", "tool_version")
+_PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "tool", "tool_version", "precision")
 MAX_JSON_DEPTH = 64
 
 

@@ -4,6 +4,8 @@
 - ``architectures``: canonical per-layer encodings, unique per base model by their sha256;
 - ``protocols``: how values were measured, unique by the sha256 of their fields;
 - ``evaluations``: one value per (architecture, metric, protocol); retracted, never deleted;
+- ``failed_runs``: a measurement that gave no value (a diverged model), with its reason: a campaign
+  does not run it again, and no value, predictor or export sees it;
 - ``predictors`` and ``queries``: trained predictor versions and answered queries.
 """
 
@@ -68,6 +70,7 @@ class Protocol(Base):
     tool: Mapped[str] = mapped_column(String(500), default="archopt")
     tool_version: Mapped[str] = mapped_column(String(500), default="")
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    precision: Mapped[str] = mapped_column(String(20), default="float32", server_default="float32")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -109,6 +112,27 @@ class Evaluation(Base):
     retract_reason: Mapped[str | None] = mapped_column(Text)
 
     architecture: Mapped[Architecture] = relationship(back_populates="evaluations")
+    protocol: Mapped[Protocol] = relationship()
+
+
+class FailedRun(Base):
+    """A measurement that gave no value (non-finite or impossible: the pruned model diverged)."""
+
+    __tablename__ = "failed_runs"
+    __table_args__ = (
+        UniqueConstraint("architecture_id", "metric", "protocol_id", name="uq_failed_arch_metric_protocol"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    architecture_id: Mapped[int] = mapped_column(ForeignKey("architectures.id"), index=True)
+    metric: Mapped[str] = mapped_column(String(200))
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    reason: Mapped[str] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(200))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
     protocol: Mapped[Protocol] = relationship()
 
 

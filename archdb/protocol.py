@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ArchoptError
+from .metrics import EVALUATED, metric_info
 
-METRICS = ("ppl_wikitext2", "ppl_ptb", "mmlu")
-LOWER_IS_BETTER_PREFIXES = ("ppl", "kl", "loss", "word_perplexity", "byte_perplexity", "bits_per_byte")
+METRICS = EVALUATED
+PRECISIONS = ("float32", "bfloat16", "float16", "float64")
+DEFAULT_PRECISION = "float32"
 
 
 class ProtocolError(ArchoptError, ValueError):
@@ -24,8 +26,8 @@ class ProtocolError(ArchoptError, ValueError):
 
 
 def lower_is_better(metric: str) -> bool:
-    """Perplexities, KL divergences and losses go down; accuracies go up."""
-    return metric.split(",")[0].startswith(LOWER_IS_BETTER_PREFIXES)
+    """Perplexities, KL divergences and losses go down; accuracies go up (``archdb.metrics``)."""
+    return not metric_info(metric, strict=False).higher_is_better
 
 
 def validate_metric_name(metric: Any) -> str:
@@ -38,7 +40,12 @@ def validate_metric_name(metric: Any) -> str:
 
 @dataclass(frozen=True)
 class Protocol:
-    """Dataset, split, text joining, tokenizer, window, amount evaluated, shots and tool."""
+    """Dataset, split, text joining, tokenizer, window, amount evaluated, shots, tool, and the numeric
+    precision the model ran in (``float32`` unless said: bfloat16 values are another protocol).
+
+    ``precision`` enters the canonical JSON (``to_dict``, ``key``) only when it is not float32, so the
+    keys of every protocol stored before it existed are unchanged.
+    """
 
     dataset: str
     split: str = ""
@@ -52,6 +59,7 @@ class Protocol:
     tool: str = "archopt"
     tool_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -65,6 +73,9 @@ class Protocol:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 0 or value > 10**13):
                 raise ProtocolError(f"protocol field {name!r} must be a non-negative integer or null")
+        if self.precision not in PRECISIONS:
+            raise ProtocolError(f"protocol field 'precision' must be one of {', '.join(PRECISIONS)}, "
+                                f"got {str(self.precision)[:40]!r}")
         if not isinstance(self.extra, dict):
             raise ProtocolError("protocol field 'extra' must be an object")
         try:
@@ -73,7 +84,11 @@ class Protocol:
             raise ProtocolError("protocol field 'extra' must hold plain JSON (no NaN)") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The canonical form (exports, ``key``): ``precision`` only when it is not float32."""
+        out = asdict(self)
+        if self.precision == DEFAULT_PRECISION:
+            del out["precision"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "Protocol":
@@ -88,7 +103,7 @@ class Protocol:
         return cls(**dict(data))
 
     def key(self) -> str:
-        """Hex sha256 of the canonical JSON of every field."""
+        """Hex sha256 of the canonical JSON (``to_dict``)."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -96,7 +111,8 @@ class Protocol:
         """True when this protocol measures the same text the same way as ``other``, on fewer
         tokens (e.g. the first 1,024 of the 8,192 that ``other`` reads): a cheap fidelity of it,
         whose values rank architectures much like ``other``'s (``archopt query --screen``)."""
-        same = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "questions", "shots", "tool")
+        same = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "questions", "shots", "tool",
+                "precision")
         if any(getattr(self, f) != getattr(other, f) for f in same):
             return False
         return self.tokens is not None and other.tokens is not None and self.tokens < other.tokens
@@ -115,20 +131,26 @@ class Protocol:
             parts.append(f"{self.shots}-shot")
         if self.tool and self.tool != "archopt":
             parts.append(self.tool)
+        if self.precision != DEFAULT_PRECISION:
+            parts.append(self.precision)
         return "/".join(parts)
 
 
 def validate_value(metric: str, value: Any) -> float:
-    """A stored value is a finite, non-negative number; accuracies lie in [0, 1]."""
+    """A stored value is a finite number within the metric's bounds (``archdb.metrics``): most are
+    non-negative, accuracies lie in [0, 1]."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ProtocolError(f"value of {metric} must be a number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
         raise ProtocolError(f"value of {metric} must be finite, got {value!r}")
-    if v < 0:
-        raise ProtocolError(f"value of {metric} must not be negative, got {value!r}")
-    if (metric == "mmlu" or metric.startswith("mmlu:")) and v > 1:
-        raise ProtocolError(f"value of {metric} is an accuracy in [0, 1], got {value!r}")
+    info = metric_info(metric, strict=False)
+    if info.lower_bound is not None and v < info.lower_bound:
+        raise ProtocolError(f"value of {metric} must not be negative, got {value!r}" if info.lower_bound == 0
+                            else f"value of {metric} must be at least {info.lower_bound:g}, got {value!r}")
+    if info.upper_bound is not None and v > info.upper_bound:
+        raise ProtocolError(f"value of {metric} is an accuracy in [0, 1], got {value!r}" if info.is_accuracy
+                            else f"value of {metric} must be at most {info.upper_bound:g}, got {value!r}")
     return v
 
 
@@ -141,3 +163,16 @@ class Measurement:
     protocol: Protocol
     device: str = ""
     duration_s: float | None = None
+    failed: str | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """Why this run gives no storable value (a diverged model, a non-finite or impossible
+        number), or None. The archive records such a run as a failed run, never as a value."""
+        if self.failed:
+            return self.failed
+        try:
+            validate_value(self.metric, self.value)
+        except ProtocolError as exc:
+            return str(exc)
+        return None

@@ -282,3 +282,40 @@ def arch_importance(session: Session, base: m.BaseModel, arch_hash: str) -> str 
     """The importance criterion an existing architecture was pruned with (None: unknown or new)."""
     return session.scalar(select(m.Architecture.importance).where(
         m.Architecture.base_model_id == base.id, m.Architecture.arch_hash == arch_hash))
+
+
+def arch_pruning(session: Session, base: m.BaseModel,
+                 arch_hashes: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """(importance criterion, calibration label) of each stored architecture among ``arch_hashes``
+    (absent: not stored; None inside: unknown, e.g. ingested without it)."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for start in range(0, len(arch_hashes), 2000):
+        q = select(m.Architecture.arch_hash, m.Architecture.importance, m.Architecture.calibration).where(
+            m.Architecture.base_model_id == base.id, m.Architecture.arch_hash.in_(arch_hashes[start:start + 2000]))
+        out.update({h: (imp, cal) for h, imp, cal in session.execute(q)})
+    return out
+
+
+# --- failed runs (measurements that gave no value): never values, never training rows, never exported ---
+def failed_keys(session: Session, base: m.BaseModel, protocol_keys: list[str]) -> dict[tuple[str, str, str], str]:
+    """(architecture hash, metric, protocol key) -> reason, of the failed runs of ``base`` under those protocols."""
+    q = (select(m.Architecture.arch_hash, m.FailedRun.metric, m.Protocol.key, m.FailedRun.reason)
+         .join(m.FailedRun, m.FailedRun.architecture_id == m.Architecture.id)
+         .join(m.Protocol, m.Protocol.id == m.FailedRun.protocol_id)
+         .where(m.Architecture.base_model_id == base.id, m.Protocol.key.in_(protocol_keys)))
+    return {(a, b, c): reason for a, b, c, reason in session.execute(q)}
+
+
+def failed_runs(session: Session, base: m.BaseModel, arch_hashes: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Architecture hash -> its failed runs (``metric``, ``protocol`` id, ``reason``, ``created_at``), oldest first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for start in range(0, len(arch_hashes), 2000):
+        q = (select(m.Architecture.arch_hash, m.FailedRun)
+             .join(m.FailedRun, m.FailedRun.architecture_id == m.Architecture.id)
+             .where(m.Architecture.base_model_id == base.id,
+                    m.Architecture.arch_hash.in_(arch_hashes[start:start + 2000]))
+             .order_by(m.FailedRun.id))
+        for h, run in session.execute(q):
+            out.setdefault(h, []).append({"metric": run.metric, "protocol": run.protocol_id, "reason": run.reason,
+                                          "created_at": run.created_at.isoformat(timespec="seconds")})
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -48,10 +48,12 @@ class WriteReport:
     archs_existing: int = 0
     evaluations_added: int = 0
     evaluations_existing: int = 0
+    failed_added: int = 0
     arch_ids: list[str] = field(default_factory=list)
 
     def merge(self, other: "WriteReport") -> None:
-        for name in ("models_added", "archs_added", "archs_existing", "evaluations_added", "evaluations_existing"):
+        for name in ("models_added", "archs_added", "archs_existing", "evaluations_added", "evaluations_existing",
+                     "failed_added"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.arch_ids.extend(other.arch_ids)
 
@@ -210,7 +212,7 @@ def protocol_ids(session: Session, protocols: Iterable[Protocol]) -> dict[str, i
     missing = [k for k in keys if k not in found]
     if missing:
         now = m.utcnow()
-        rows = [{"key": k, **wanted[k].to_dict(), "created_at": now} for k in missing]
+        rows = [{"key": k, **asdict(wanted[k]), "created_at": now} for k in missing]  # every column, precision too
         _run(session, _insert(session, m.Protocol).on_conflict_do_nothing(index_elements=["key"]), rows)
         for chunk in _chunks(missing):
             for pid, key in session.execute(select(m.Protocol.id, m.Protocol.key).where(m.Protocol.key.in_(chunk))):
@@ -222,7 +224,7 @@ def protocol_of(row: m.Protocol) -> Protocol:
     return Protocol(dataset=row.dataset, split=row.split, joining=row.joining, tokenizer=row.tokenizer,
                     tokenizer_hash=row.tokenizer_hash, seq_len=row.seq_len, tokens=row.tokens,
                     questions=row.questions, shots=row.shots, tool=row.tool, tool_version=row.tool_version,
-                    extra=dict(row.extra or {}))
+                    extra=dict(row.extra or {}), precision=row.precision)
 
 
 # --- architectures -------------------------------------------------------------------------------
@@ -289,18 +291,30 @@ def insert_evaluations(session: Session, rows: list[dict[str, Any]]) -> tuple[in
 
 def record_measurements(session: Session, base: m.BaseModel, item: NewArch,
                         measurements: Sequence[Measurement], source: str | None = None) -> WriteReport:
-    """Store one architecture and its measured values (the evaluator's path)."""
+    """Store one architecture and its measured values (the evaluator's path).
+
+    A measurement without a storable value (``Measurement.failure``: a diverged model's infinite
+    perplexity, a NaN) becomes a failed run with its reason, never a value; the architecture is
+    stored all the same, so the run is known. A failed run already stored is kept as it is.
+    """
     serialize_writers(session)
     ids, archs_added = architecture_ids(session, base, [item])
     arch_hash = item.arch.arch_id(base.name)
     pids = protocol_ids(session, [x.protocol for x in measurements])
     now = m.utcnow()
-    rows = [{"architecture_id": ids[arch_hash], "metric": x.metric, "value": float(x.value),
-             "protocol_id": pids[x.protocol.key()], "source": source, "device": x.device,
-             "duration_s": x.duration_s, "created_at": now} for x in measurements]
+    rows, failed = [], []
+    for x in measurements:
+        row = {"architecture_id": ids[arch_hash], "metric": x.metric, "protocol_id": pids[x.protocol.key()],
+               "source": source, "device": x.device, "duration_s": x.duration_s, "created_at": now}
+        reason = x.failure
+        if reason is None:
+            rows.append({**row, "value": float(x.value)})
+        else:
+            failed.append({**row, "reason": reason[:2000]})
     added, existing = insert_evaluations(session, rows)
-    return WriteReport(archs_added=archs_added, archs_existing=1 - archs_added,
-                       evaluations_added=added, evaluations_existing=existing, arch_ids=[arch_hash])
+    failed_added = _bulk_insert(session, m.FailedRun, failed, ["architecture_id", "metric", "protocol_id"])
+    return WriteReport(archs_added=archs_added, archs_existing=1 - archs_added, evaluations_added=added,
+                       evaluations_existing=existing, failed_added=failed_added, arch_ids=[arch_hash])
 
 
 def ingest_records(session: Session, records: Sequence[ArchRecord]) -> WriteReport:

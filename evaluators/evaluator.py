@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import gc
 from pathlib import Path
 from typing import Any, Sequence
@@ -9,7 +10,8 @@ from typing import Any, Sequence
 import torch
 
 from archopt.archdb.arch import Architecture
-from archopt.archdb.protocol import Measurement
+from archopt.archdb.metrics import EVALUATED
+from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement
 
 from .importance import Importance
 from .loading import BaseModel, model_device
@@ -17,7 +19,7 @@ from .mmlu import MmluTask
 from .perplexity import PerplexityTask
 from .pruning import prune_model
 
-METRICS = ("ppl_wikitext2", "ppl_ptb", "mmlu")
+METRICS = EVALUATED
 
 
 def free_memory(device: torch.device | str | None = None) -> None:
@@ -28,15 +30,23 @@ def free_memory(device: torch.device | str | None = None) -> None:
 
 
 class Evaluator:
-    """Tasks for ``metrics`` (``ppl_wikitext2``, ``ppl_ptb``, ``mmlu``), tokenized once at construction."""
+    """Tasks for ``metrics`` (``ppl_wikitext2``, ``ppl_ptb``, ``mmlu``), tokenized once at construction.
+
+    ``precision``: what the models will compute in (``perplexity.precision_of(model)``), so that the
+    tasks' protocols, and their keys, are known before anything runs; a model that runs in another
+    precision still gets measurements under the protocol of its own.
+    """
 
     def __init__(self, tokenizer: Any, metrics: Sequence[str] = ("ppl_wikitext2",), *,
                  data_dir: str | Path | None = None, seq_len: int = 128, max_tokens: int | None = None,
                  max_questions: int | None = None, shots: int = 5, ptb_split: str = "validation",
-                 batch_size: int | None = None, cache_dir: str | Path | None = None) -> None:
+                 batch_size: int | None = None, cache_dir: str | Path | None = None,
+                 precision: str = DEFAULT_PRECISION) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r}: use {', '.join(METRICS)}")
+            close = difflib.get_close_matches(unknown[0], METRICS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown metric {unknown[0]!r}: {hint}archopt evaluates {', '.join(METRICS)}")
         if not metrics:
             raise ValueError("no metric to evaluate")
         self.metrics = list(dict.fromkeys(metrics))
@@ -44,11 +54,12 @@ class Evaluator:
         for metric in self.metrics:
             if metric == "mmlu":
                 self.tasks[metric] = MmluTask.prepare(tokenizer, data_dir=data_dir, shots=shots,
-                                                      max_questions=max_questions)
+                                                      max_questions=max_questions, precision=precision)
             else:
                 self.tasks[metric] = PerplexityTask.prepare(
                     tokenizer, metric, data_dir=data_dir, split=ptb_split if metric == "ppl_ptb" else None,
-                    seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
+                    seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir,
+                    precision=precision)
 
     def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
         """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject."""

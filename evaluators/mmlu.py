@@ -14,6 +14,7 @@ subject's questions are thus always its first rows, and the choice depends only 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,11 @@ from typing import Any, Sequence
 import torch
 
 import archopt
-from archopt.archdb.protocol import Measurement, Protocol
+from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement, Protocol
 
 from .data import LETTERS, MMLU, MmluQuestion, MmluSubject, load_mmlu
 from .loading import model_device
-from .perplexity import autocast_for, device_label
+from .perplexity import autocast_for, device_label, protocol_for
 from .tokenization import tokenizer_hash, tokenizer_name
 
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -89,10 +90,12 @@ class MmluTask:
     """MMLU prompts tokenized once; ``evaluate(model)`` gives ``mmlu`` and one ``mmlu:<subject>`` per subject."""
 
     def __init__(self, tokenizer: Any, subjects: dict[str, MmluSubject], *, shots: int = 5,
-                 max_questions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+                 max_questions: int | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 precision: str = DEFAULT_PRECISION) -> None:
         if shots < 0:
             raise ValueError("shots must be 0 or more")
         self.shots = shots
+        self.precision = precision
         self.max_batch_tokens = max_batch_tokens
         self.continuations = continuation_tokens(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -116,13 +119,16 @@ class MmluTask:
 
     def _protocol(self, tok_name: str, tok_hash: str, questions: int) -> Protocol:
         return Protocol(dataset=MMLU, split="test", tokenizer=tok_name, tokenizer_hash=tok_hash,
-                        questions=questions, shots=self.shots, tool="archopt", tool_version=archopt.__version__)
+                        questions=questions, shots=self.shots, tool="archopt", tool_version=archopt.__version__,
+                        precision=self.precision)
 
     @classmethod
     def prepare(cls, tokenizer: Any, *, data_dir: str | Path | None = None, shots: int = 5,
-                max_questions: int | None = None, subjects: Sequence[str] | None = None) -> "MmluTask":
+                max_questions: int | None = None, subjects: Sequence[str] | None = None,
+                precision: str = DEFAULT_PRECISION) -> "MmluTask":
         """Read MMLU (``DIR/mmlu`` CSVs or ``datasets`` ``cais/mmlu``) and tokenize the prompts."""
-        return cls(tokenizer, load_mmlu(data_dir, subjects), shots=shots, max_questions=max_questions)
+        return cls(tokenizer, load_mmlu(data_dir, subjects), shots=shots, max_questions=max_questions,
+                   precision=precision)
 
     # ----- scoring ------------------------------------------------------------------------------
     def choice_scores(self, model: torch.nn.Module) -> list[list[float]]:
@@ -185,18 +191,23 @@ class MmluTask:
         return out  # type: ignore[return-value]
 
     def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
-        """``mmlu`` (micro average over all questions) and ``mmlu:<subject>`` accuracies."""
+        """``mmlu`` (micro average over all questions) and ``mmlu:<subject>`` accuracies; a model
+        whose answer log-likelihoods are not finite (diverged) gives failed measurements."""
         started = time.perf_counter()
         scores = self.choice_scores(model)
         correct: dict[str, int] = {n: 0 for n in self.subject_counts}
         for item, row in zip(self.items, scores):
             predicted = max(range(4), key=lambda k: (row[k], -k))
             correct[item.subject] += int(predicted == item.answer)
+        bad = sum(not all(math.isfinite(v) for v in row) for row in scores)
+        failed = f"diverged: non-finite answer log-likelihoods in {bad} of {len(scores)} questions" if bad else None
         elapsed = time.perf_counter() - started
         device = device_label(model_device(model))
-        out = [Measurement("mmlu", sum(correct.values()) / len(self.items), self.protocol, device, elapsed)]
+        out = [Measurement("mmlu", sum(correct.values()) / len(self.items), protocol_for(self.protocol, model),
+                           device, elapsed, failed)]
         for name, count in self.subject_counts.items():
-            out.append(Measurement(f"mmlu:{name}", correct[name] / count, self.subject_protocols[name], device, None))
+            out.append(Measurement(f"mmlu:{name}", correct[name] / count,
+                                   protocol_for(self.subject_protocols[name], model), device, None, failed))
         return out
 
 

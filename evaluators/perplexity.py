@@ -3,12 +3,15 @@
 PPL = exp(mean token NLL over all predicted tokens): in each window of ``seq_len`` tokens the model
 predicts tokens 2..seq_len from the ones before (no context carried across windows). The tail that
 does not fill a window is left out; ``max_tokens`` keeps the first whole windows within that many
-tokens. The protocol's ``tokens`` is the number of tokens fed (windows x seq_len).
+tokens. The protocol's ``tokens`` is the number of tokens fed (windows x seq_len), its ``precision``
+the dtype the model computed in (``precision_of``). A model whose mean NLL is not finite or overflows
+exp() (>= ``MAX_MEAN_NLL``) diverged: its measurement is a failure with the reason, not a value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import archopt
-from archopt.archdb.protocol import Measurement, Protocol
+from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement, Protocol
 
 from . import data
 from .loading import model_device
@@ -28,6 +31,7 @@ METRIC_DATASETS = {"ppl_wikitext2": (data.WIKITEXT2, "test"), "ppl_ptb": (data.P
 LOGITS_BUDGET = 2 ** 26  # float elements of logits per batch (256 MiB in float32)
 MAX_BATCH_TOKENS = 4096
 CE_CHUNK_ROWS = 1024  # cross-entropy in row chunks: cache-friendly, ~2x faster on CPU than one call
+MAX_MEAN_NLL = 700.0  # exp(709.8) overflows a float64
 
 
 def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -48,11 +52,34 @@ def device_label(device: torch.device) -> str:
     return device.type
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype evaluation uses on ``device``: bfloat16 on CUDA, none elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA, nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bfloat16 autocast on CUDA, nothing elsewhere (``autocast_dtype``)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def precision_for(device: torch.device | str, weights: torch.dtype) -> str:
+    """The precision a model with ``weights`` of that dtype computes in when evaluated here on
+    ``device`` (a protocol's ``precision``): the autocast dtype on CUDA, else the weights' dtype."""
+    dtype = autocast_dtype(torch.device(device)) or weights
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_of(model: torch.nn.Module) -> str:
+    """``precision_for`` the device and floating-point weights of ``model``."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return precision_for(model_device(model), weights)
+
+
+def protocol_for(protocol: Protocol, model: torch.nn.Module) -> Protocol:
+    """``protocol`` with the precision ``model`` actually runs in (the prepared one when they agree)."""
+    precision = precision_of(model)
+    return protocol if precision == protocol.precision else dataclasses.replace(protocol, precision=precision)
 
 
 class PerplexityTask:
@@ -60,7 +87,7 @@ class PerplexityTask:
 
     def __init__(self, tokens: torch.Tensor, *, metric: str, dataset: str, split: str, tokenizer_name: str,
                  tokenizer_hash: str, seq_len: int = 128, max_tokens: int | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, precision: str = DEFAULT_PRECISION) -> None:
         if seq_len < 2:
             raise ValueError("seq_len must be at least 2")
         usable = tokens.numel() if max_tokens is None else min(tokens.numel(), int(max_tokens))
@@ -76,30 +103,32 @@ class PerplexityTask:
         self.targets[:, :-1] = self.windows[:, 1:]
         self.protocol = Protocol(dataset=dataset, split=split, joining=data.JOINING, tokenizer=tokenizer_name,
                                  tokenizer_hash=tokenizer_hash, seq_len=seq_len, tokens=n_windows * seq_len,
-                                 tool="archopt", tool_version=archopt.__version__)
+                                 tool="archopt", tool_version=archopt.__version__, precision=precision)
 
     @classmethod
     def from_text(cls, tokenizer: Any, text: str, *, metric: str, dataset: str, split: str, seq_len: int = 128,
                   max_tokens: int | None = None, batch_size: int | None = None,
-                  cache_dir: str | Path | None = None) -> "PerplexityTask":
+                  cache_dir: str | Path | None = None, precision: str = DEFAULT_PRECISION) -> "PerplexityTask":
         """Tokenize ``text`` once (with the tokenizer's special tokens, e.g. a leading BOS)."""
         tokens = encode_text(tokenizer, text, cache_dir=cache_dir)
         return cls(tokens, metric=metric, dataset=dataset, split=split, tokenizer_name=tokenizer_name(tokenizer),
                    tokenizer_hash=tokenizer_hash(tokenizer), seq_len=seq_len, max_tokens=max_tokens,
-                   batch_size=batch_size)
+                   batch_size=batch_size, precision=precision)
 
     @classmethod
     def prepare(cls, tokenizer: Any, metric: str = "ppl_wikitext2", *, data_dir: str | Path | None = None,
                 split: str | None = None, seq_len: int = 128, max_tokens: int | None = None,
-                batch_size: int | None = None, cache_dir: str | Path | None = None) -> "PerplexityTask":
-        """``ppl_wikitext2`` (WikiText-2 raw test) or ``ppl_ptb`` (PTB validation; ``split="test"`` option)."""
+                batch_size: int | None = None, cache_dir: str | Path | None = None,
+                precision: str = DEFAULT_PRECISION) -> "PerplexityTask":
+        """``ppl_wikitext2`` (WikiText-2 raw test) or ``ppl_ptb`` (PTB validation; ``split="test"`` option).
+        ``precision``: the one the models will run in (``precision_of``), so ``protocol`` is known up front."""
         if metric not in METRIC_DATASETS:
             raise ValueError(f"unknown perplexity metric {metric!r}: use {', '.join(METRIC_DATASETS)}")
         dataset, default_split = METRIC_DATASETS[metric]
         split = data.canonical_split(split or default_split)
         text = data.dataset_text(dataset, split, data_dir)
         return cls.from_text(tokenizer, text, metric=metric, dataset=dataset, split=split, seq_len=seq_len,
-                             max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
+                             max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir, precision=precision)
 
     @property
     def predicted_tokens(self) -> int:
@@ -125,11 +154,19 @@ class PerplexityTask:
         return total, self.predicted_tokens
 
     def evaluate(self, model: torch.nn.Module) -> Measurement:
-        """Perplexity of ``model`` (eval mode expected) on the prepared windows."""
+        """Perplexity of ``model`` (eval mode expected) on the prepared windows; a diverged model
+        gives a measurement whose ``failed`` says why (its value is inf or NaN)."""
         started = time.perf_counter()
         total, count = self.total_nll(model)
         mean = total / count
-        value = math.exp(mean) if mean < 700 else math.inf
-        return Measurement(metric=self.metric, value=value, protocol=self.protocol,
+        failed = None
+        if not math.isfinite(mean):
+            value, failed = math.nan, f"diverged: the mean token NLL is {mean} over {count:,} tokens"
+        elif mean >= MAX_MEAN_NLL:
+            value, failed = math.inf, (f"diverged: the mean token NLL is {mean:.4g} nats over {count:,} tokens "
+                                       "(perplexity overflows)")
+        else:
+            value = math.exp(mean)
+        return Measurement(metric=self.metric, value=value, protocol=protocol_for(self.protocol, model),
                            device=device_label(model_device(model)),
-                           duration_s=time.perf_counter() - started)
+                           duration_s=time.perf_counter() - started, failed=failed)

@@ -48,11 +48,16 @@ class EvalSettings:
 
 @dataclass
 class ArchResult:
+    """One architecture of a run: its storable measurements, or ``skipped`` when the archive held
+    them; ``failed`` maps metrics without a value (a diverged model) to the reason, whether the run
+    just failed or had failed before (a failed run counts as done: it is not measured again)."""
+
     arch_id: str
     arch: Architecture
     measurements: list[Measurement]
     skipped: bool
     seconds: float
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +73,11 @@ class CampaignReport:
     def skipped(self) -> int:
         return sum(r.skipped for r in self.results)
 
+    @property
+    def failed(self) -> int:
+        """Architectures with a failed run (new or from before) under this run's protocols."""
+        return sum(bool(r.failed) for r in self.results)
+
 
 def cache_dir() -> Path:
     """Where importance scores and tokenized texts are cached (``ARCHOPT_CACHE`` or ~/.cache/archopt)."""
@@ -80,12 +90,21 @@ def weights_location(ref: str) -> str:
     return str(path.resolve()) if path.is_dir() else ref
 
 
+def run_precision(settings: EvalSettings) -> str:
+    """The precision models loaded with ``settings``' device and dtype compute in (bfloat16 on CUDA,
+    float32 on CPU unless ``--dtype`` says otherwise): part of every protocol of the run."""
+    from archopt.evaluators.loading import resolve_dtype
+    from archopt.evaluators.perplexity import precision_for
+    return precision_for(settings.device, resolve_dtype(settings.device, settings.dtype))
+
+
 def make_evaluator(tokenizer: Any, settings: EvalSettings) -> Any:
-    """The ``Evaluator`` of ``settings``' metrics and protocol options."""
+    """The ``Evaluator`` of ``settings``' metrics and protocol options (precision included)."""
     from archopt import evaluators as ev
     return ev.Evaluator(tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
                         max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
-                        ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+                        ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens",
+                        precision=run_precision(settings))
 
 
 class Campaign:
@@ -132,7 +151,8 @@ class Campaign:
                                 f"got {tokens:,}")
         self.screener = ev.Evaluator(
             self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq, max_tokens=tokens,
-            ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens")
+            ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens",
+            precision=run_precision(self.settings))
         return self.screener.tasks[metric].protocol.key()
 
     def measuring(self, settings: EvalSettings) -> "Campaign":
@@ -204,35 +224,61 @@ class Campaign:
             archs = reads.archs_lacking(session, base_row, metric, full_key, cheap_key, lo, hi, limit)
         return self.screen(archs).evaluated
 
+    def _check_pruning(self, arch_id: str, stored: tuple[str | None, str | None] | None) -> None:
+        """Refuse an architecture the archive holds as pruned with another importance criterion or
+        calibration: the same encoding would be another model (other heads and channels kept)."""
+        if stored is None:
+            return
+        importance, calibration = stored
+        criterion = self.importance.criterion
+        if importance is not None and importance != criterion:
+            raise CampaignError(
+                f"architecture {arch_id[:12]} was pruned with {importance} importance; evaluate it "
+                f"with --importance {importance} or register another --name")
+        ours = self.importance.calibration_label()
+        if calibration and ours and calibration != ours:
+            raise CampaignError(
+                f"architecture {arch_id[:12]} was pruned with {criterion} importance calibrated on {calibration}, "
+                f"this run calibrates on {ours}: evaluate it with that calibration (--seed, --data-dir) "
+                f"or register another --name")
+
     def _measure(self, archs: Sequence[tuple[Architecture, str]], evaluator: Any,
                  on_result: Callable[[int, int, ArchResult], Any] | None) -> CampaignReport:
+        """Measure what the archive lacks under ``evaluator``'s protocols. A failed run (a diverged
+        model) counts as done: it is reported in ``ArchResult.failed``, never measured again."""
         report = CampaignReport(self.name)
         wanted = {metric: task.protocol.key() for metric, task in evaluator.tasks.items()}
+        arch_ids = [arch.arch_id(self.name) for arch, _ in archs]
         with self.archive.read() as session:
             base_row = reads.get_base_model(session, self.name)
             done = reads.measured_keys(session, base_row, list(wanted.values()))
+            failed = reads.failed_keys(session, base_row, list(wanted.values()))
+            pruning = reads.arch_pruning(session, base_row, arch_ids)
         criterion = self.importance.criterion
         calibration = self.importance.calibration_label()
-        for i, (arch, origin) in enumerate(archs):
-            arch_id = arch.arch_id(self.name)
-            if all((arch_id, metric, key) in done for metric, key in wanted.items()):
-                result = ArchResult(arch_id, arch, [], True, 0.0)
+        for i, ((arch, origin), arch_id) in enumerate(zip(archs, arch_ids)):
+            keys = [(arch_id, metric, key) for metric, key in wanted.items()]
+            if all(k in done or k in failed for k in keys):
+                result = ArchResult(arch_id, arch, [], True, 0.0, {k[1]: failed[k] for k in keys if k in failed})
             else:
+                self._check_pruning(arch_id, pruning.get(arch_id))
                 start = time.perf_counter()
                 measurements = evaluator.evaluate_architecture(self.base, arch, self.importance)
                 seconds = time.perf_counter() - start
                 with self.archive.write() as session:
                     stored = reads.get_base_model(session, self.name)
-                    existing = reads.arch_importance(session, stored, arch_id)
-                    if existing is not None and existing != criterion:
-                        raise CampaignError(
-                            f"architecture {arch_id[:12]} was pruned with {existing} importance; evaluate it "
-                            f"with --importance {existing} or register another --name")
+                    self._check_pruning(arch_id, reads.arch_pruning(session, stored, [arch_id]).get(arch_id))
                     record_measurements(session, stored, NewArch(arch, origin, criterion, calibration),
                                         measurements, source=f"archopt evaluate ({self.settings.device})")
+                pruning[arch_id] = (criterion, calibration)
+                good = [x for x in measurements if x.failure is None]
+                bad = {x.metric: x.failure for x in measurements if x.failure is not None}
                 for metric, key in wanted.items():
-                    done.add((arch_id, metric, key))
-                result = ArchResult(arch_id, arch, measurements, False, seconds)
+                    if metric in bad:
+                        failed[(arch_id, metric, key)] = bad[metric]
+                    else:
+                        done.add((arch_id, metric, key))
+                result = ArchResult(arch_id, arch, good, False, seconds, bad)
             report.results.append(result)
             if on_result is not None:
                 on_result(i, len(archs), result)

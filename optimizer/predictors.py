@@ -7,30 +7,35 @@ best (Kendall tau) wins. The Gaussian process (``gp``: an ARD RBF kernel plus wh
 standardised per-layer kept fractions; a candidate up to ``GP_MAX_ROWS`` training rows, since its
 fit grows as n^3) is the most sample-efficient on pruning data: on ptb-llama-8l it ranks held-out
 architectures with Kendall tau 0.85 from 25 measured ones where a GBDT reaches 0.68
-(benchmarks/README.md). Perplexity-like metrics (names starting with ``ppl`` or ``kl``; lower is
-better) are modelled on log scale, where the effect of pruning is closer to additive; accuracies
-(``mmlu`` and anything else; higher is better) as they are.
+(benchmarks/README.md). Each metric is modelled on the scale and in the direction that the metric
+registry (``archdb.metrics``) gives it: perplexities on log scale, where the effect of pruning is
+closer to additive, KL divergences on log(value + 1e-4), accuracies as they are.
 
-Every prediction carries a standard deviation in the metric's own scale: the spread of an
-ensemble's members: the trees of a random / extra-trees forest; for boosting, the k models fitted
-during cross-validation (each on (k-1)/k of the rows, a CV+ / jackknife ensemble that costs no
-extra training); the Gaussian process gives its own posterior standard deviation. It is epistemic
-spread only; the held-out error of the whole model is in ``Predictor.cv``.
+Every prediction carries a standard deviation in the metric's own scale. For the tree ensembles it
+is the spread of the ensemble's members (the trees of a random / extra-trees forest; for boosting,
+the k models fitted during cross-validation, each on (k-1)/k of the rows, a CV+ / jackknife
+ensemble that costs no extra training): epistemic spread only. The Gaussian process gives its
+posterior predictive standard deviation, which includes the noise level its ``WhiteKernel`` learnt
+(the scatter of repeated measurements), so it does not shrink to zero at a measured architecture.
+The held-out error of the whole model is in ``Predictor.cv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import re
 import warnings
 
 import numpy as np
 import sklearn
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.compose import ColumnTransformer
+from sklearn.dummy import DummyRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
@@ -39,6 +44,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.ensemble import (ExtraTreesRegressor, GradientBoostingRegressor,
                               HistGradientBoostingRegressor, RandomForestRegressor)
 from sklearn.model_selection import KFold
+
+from archopt.archdb.metrics import metric_info
 
 __all__ = ["ALGORITHMS", "Predictor", "train_predictor", "metric_direction", "metric_transform",
            "kendall_tau", "spearman"]
@@ -51,28 +58,71 @@ GP_REFIT_ROWS = 80
 GP_MAX_ROWS = 400   # above, the GP's O(n^3) fit costs more than it gains over trees: not a candidate
 
 
-_CONTROLLER = None
+class _OneThread:
+    """Native thread pools limited to one thread while any caller needs it, from any Python thread.
+
+    The limits are process state that the trainer thread and request threads share, so they are
+    never entered and restored per call blindly (a first caller leaving would restore the old
+    limits under a second one still inside). BLAS limits (OpenBLAS, MKL) are process-wide: the
+    first caller in sets them, the last one out restores them (a lock-protected count). OpenMP
+    limits (libgomp, libomp) belong to the calling thread: each caller sets and restores its own.
+    One instance per process (``single_thread``), because the pools it guards are one per process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._blas_limiter: Any = None
+        self._pools: tuple[Any, Any] | None = None   # (BLAS controller, OpenMP controller)
+
+    def _controllers(self) -> tuple[Any, Any]:
+        if self._pools is None:   # ~7 ms (scans the loaded libraries): once
+            from threadpoolctl import ThreadpoolController
+            found = ThreadpoolController()
+            self._pools = (found.select(user_api="blas"), found.select(user_api="openmp"))
+        return self._pools
+
+    @contextlib.contextmanager
+    def limit(self) -> Iterator[None]:
+        with self._lock:
+            blas, openmp = self._controllers()
+            if self._users == 0:
+                self._blas_limiter = blas.limit(limits=1)
+            self._users += 1
+        try:
+            own = openmp.limit(limits=1)
+            try:
+                yield
+            finally:
+                own.restore_original_limits()
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._blas_limiter.restore_original_limits()
+                    self._blas_limiter = None
 
 
-def single_thread():
-    """Context limiting OpenMP/BLAS to one thread. Scoring small batches with HistGradientBoosting
-    on 2 busy cores is up to 20x slower with OpenMP threads (start-up and spin-waits per tree)."""
-    global _CONTROLLER
-    from threadpoolctl import ThreadpoolController
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1)
+_ONE_THREAD = _OneThread()
+
+
+def single_thread() -> contextlib.AbstractContextManager[None]:
+    """Context limiting OpenMP/BLAS to one thread, safe to enter from several threads at once.
+    Scoring small batches with HistGradientBoosting on 2 busy cores is up to 20x slower with OpenMP
+    threads (start-up and spin-waits per tree)."""
+    return _ONE_THREAD.limit()
 
 
 def metric_direction(metric: str) -> str:
-    """``"minimize"`` for perplexity-like metrics (``ppl*``, ``kl*``), else ``"maximize"``."""
-    return "minimize" if metric.lower().startswith(("ppl", "kl")) else "maximize"
+    """``"minimize"`` or ``"maximize"``, as the metric registry (``archdb.metrics``) says; a name it
+    does not know is maximised."""
+    return metric_info(metric, strict=False).direction
 
 
 def metric_transform(metric: str) -> str:
-    """``"log"`` for ``ppl*`` metrics, ``"log_eps"`` (log of value + 1e-4) for ``kl*``, else ``"identity"``."""
-    m = metric.lower()
-    return "log" if m.startswith("ppl") else "log_eps" if m.startswith("kl") else "identity"
+    """The modelling scale from the metric registry: ``"log"`` (perplexities), ``"log_eps"`` (log of
+    value + 1e-4: KL divergences) or ``"identity"``."""
+    return metric_info(metric, strict=False).transform
 
 
 def _forward(y: np.ndarray, kind: str) -> np.ndarray:
@@ -96,17 +146,14 @@ def _inverse(t: np.ndarray, kind: str) -> np.ndarray:
     return t
 
 
-class ColumnSelect(BaseEstimator, TransformerMixin):
-    """Keeps the columns ``columns`` (indices) of a feature matrix; picklable, unlike a lambda."""
+def _select_columns(columns: Sequence[int]) -> ColumnTransformer:
+    """Keeps the columns ``columns`` (indices, in that order) of a feature matrix."""
+    return ColumnTransformer([("inputs", "passthrough", list(columns))], remainder="drop")
 
-    def __init__(self, columns: Sequence[int] = ()) -> None:
-        self.columns = columns
 
-    def fit(self, X: np.ndarray, y: Any = None) -> "ColumnSelect":
-        return self
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X)[:, list(self.columns)]
+def _input_columns(model: Pipeline) -> list[int]:
+    """The feature columns the GP pipeline reads (its ``columns`` step)."""
+    return list(model.named_steps["columns"].transformers[0][2])
 
 
 def gp_columns(feature_names: Sequence[str] | None, n_features: int) -> list[int]:
@@ -147,7 +194,7 @@ def _gp(columns: Sequence[int], seed: int, kernel: Any = None) -> Pipeline:
         gp = _QuietGP(start, normalize_y=True, optimizer=_lbfgs, random_state=seed)
     else:
         gp = _QuietGP(kernel, normalize_y=True, optimizer=None, random_state=seed)
-    return Pipeline([("columns", ColumnSelect(list(columns))), ("scale", StandardScaler()), ("gp", gp)])
+    return Pipeline([("columns", _select_columns(columns)), ("scale", StandardScaler()), ("gp", gp)])
 
 
 def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = None):
@@ -308,7 +355,7 @@ class Predictor:
 
 def _raw_importances(p: Predictor) -> np.ndarray:
     model = p.model
-    if isinstance(model, _Constant):
+    if isinstance(model, DummyRegressor):
         return np.zeros(p.n_features)
     if getattr(model, "feature_importances_", None) is not None:
         return np.asarray(model.feature_importances_, dtype=float)
@@ -335,7 +382,7 @@ def _gp_mean(model: Any, X: np.ndarray) -> np.ndarray | None:
     thousands of candidates; scikit-learn's kernel call goes through ``cdist``, 4-5x slower here).
     None when the model is not the fitted ``_gp`` pipeline this expects (then use ``predict``)."""
     try:
-        cols = list(model.named_steps["columns"].columns)
+        cols = _input_columns(model)
         scaler = model.named_steps["scale"]
         gp = model.named_steps["gp"]
         kernel = gp.kernel_
@@ -358,7 +405,7 @@ def _gp_importances(model: Pipeline, n_features: int) -> np.ndarray:
     scales the input's spread covers, i.e. how far it moves the prediction); an input that never
     varied in training gets none."""
     out = np.zeros(n_features)
-    columns = list(model.named_steps["columns"].columns)
+    columns = _input_columns(model)
     kernel = model.named_steps["gp"].kernel_
     rbf = next((k for k in (getattr(kernel, "k1", None), kernel) if k is not None and hasattr(k, "k2")
                 and isinstance(k.k2, RBF)), None)
@@ -431,7 +478,7 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
                 gp_full = _estimator(name, n, seed, columns).fit(X, y_t)
             for tr, te in splits:
                 if np.ptp(y_t[tr]) == 0:
-                    model_f = _Constant(float(y_t[tr][0]))
+                    model_f = _constant(X[tr], y_t[tr])
                 elif name == "gp" and n > GP_REFIT_ROWS:
                     model_f = _gp(columns, seed, gp_full.named_steps["gp"].kernel_).fit(X[tr], y_t[tr])
                 else:
@@ -447,7 +494,7 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
             if key < best_key:
                 best, best_key = name, key
         if np.ptp(y_t) == 0:
-            model = _Constant(float(y_t[0]))
+            model = _constant(X, y_t)
         elif best == "gp" and gp_full is not None:
             model = gp_full
         else:
@@ -464,24 +511,14 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
                      train_seconds=time.perf_counter() - start, _train_X=X if best == "hist_gbdt" else None)
 
 
-class _Constant:
+def _constant(X: np.ndarray, y: np.ndarray) -> DummyRegressor:
     """Stands in for a model when every training target is equal (trees cannot split)."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-        self.estimators_: list[Any] = []
-        self.feature_importances_ = None
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.full(len(X), self.value)
-
-    def get_params(self) -> dict[str, Any]:
-        return {}
+    return DummyRegressor(strategy="mean").fit(X, y)
 
 
 def _hyperparams(model) -> dict[str, Any]:
     if isinstance(model, Pipeline) and "gp" in model.named_steps:
-        return {"kernel": str(model.named_steps["gp"].kernel_), "inputs": len(model.named_steps["columns"].columns)}
+        return {"kernel": str(model.named_steps["gp"].kernel_), "inputs": len(_input_columns(model))}
     keep = ("n_estimators", "learning_rate", "max_depth", "subsample", "min_samples_leaf", "max_features",
             "max_iter", "max_leaf_nodes", "l2_regularization")
     params = model.get_params()

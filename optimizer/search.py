@@ -26,6 +26,8 @@ dominated by another returned one), capped to ``max_results`` by crowding distan
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import math
 import time
 import warnings
@@ -41,6 +43,31 @@ from .encoding import LayerBatch, encode
 from .pareto import _mask_min, crowding_distance, to_minimization
 from .predictors import metric_direction
 from .space import SearchSpace, build_space, refine_space, size_window, trust_bounds
+
+# A search's study is a private, throw-away one: Optuna's "A new study created ..." INFO line is noise
+# there, and only there. Rather than toggling Optuna's process-wide verbosity around each search
+# (which raced with searches and studies in other threads), a filter is attached once to the
+# loggers that say it, and drops their INFO records only in a context that runs a search.
+_IN_SEARCH: contextvars.ContextVar[bool] = contextvars.ContextVar("archopt_in_search", default=False)
+_STUDY_LOGGERS = ("optuna.storages._in_memory", "optuna.storages._rdb.storage", "optuna.storages.journal._storage")
+
+
+class _SearchStudyFilter(logging.Filter):
+    """Drops INFO-and-below records logged while the current context runs ``search``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not _IN_SEARCH.get()
+
+
+def _quiet_search_studies() -> None:
+    """Attach the filter to Optuna's study-creation loggers; idempotent (done once, at import)."""
+    for name in _STUDY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _SearchStudyFilter) for f in logger.filters):
+            logger.addFilter(_SearchStudyFilter())
+
+
+_quiet_search_studies()
 
 __all__ = ["Candidate", "SearchResult", "search"]
 
@@ -468,8 +495,6 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     the fewest KV groups seen), because tree predictors extrapolate flat and the search would
     exploit it. ``extrapolate=True`` searches the whole default space.
     """
-    import optuna
-
     t0 = time.perf_counter()
     objectives = tuple(objectives)
     if not objectives:
@@ -542,15 +567,14 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
 
     # phase B: Optuna ----------------------------------------------------------------------
     t = time.perf_counter()
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    token = _IN_SEARCH.set(True)   # this context only (see _SearchStudyFilter)
     try:
         opt_info = _optuna_phase(space, scorer, pool, directions=directions, lo=lo, hi=hi, target=target,
                                  seed=seed, trials=min(optuna_trials, max(0, n_candidates - pool.size)),
                                  batch=max(1, optuna_batch), warm=warm, storage=storage,
                                  study_name=study_name) if len(pool.feasible()) else {"asked": 0}
     finally:
-        optuna.logging.set_verbosity(verbosity)
+        _IN_SEARCH.reset(token)
     timings["optuna"] = time.perf_counter() - t
 
     # phase C: vectorised evolution --------------------------------------------------------

@@ -49,8 +49,12 @@ def model_document(archive: Archive, model: str) -> dict[str, Any]:
 
 def archs_document(archive: Archive, model: str, sort: str | None = None, protocol: int | None = None,
                    limit: int | None = None, offset: int = 0) -> dict[str, Any]:
-    """``archopt.archs/1``: the architectures of ``model`` with their metrics, best-first by ``sort``."""
-    from archopt.archdb.reads import arch_rows, get_base_model, metrics_of
+    """``archopt.archs/1``: the architectures of ``model`` with their metrics, best-first by ``sort``.
+
+    Each architecture also lists its ``failed`` runs (``metric``, ``protocol``, ``reason``,
+    ``created_at``): measurements that gave no value, e.g. a pruned model that diverged.
+    """
+    from archopt.archdb.reads import arch_rows, failed_runs, get_base_model, metrics_of
     with archive.read() as session:
         base = get_base_model(session, model)
         known = metrics_of(session, base)
@@ -59,13 +63,18 @@ def archs_document(archive: Archive, model: str, sort: str | None = None, protoc
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RequestError(f"model {base.name!r} has no metric {sort!r}{hint}")
         views = arch_rows(session, base, sort, protocol, limit, offset)
+        failed = failed_runs(session, base, [v["arch_id"] for v in views])
         name = base.name
+    for view in views:
+        view["failed"] = failed.get(view["arch_id"], [])
     return {"schema": "archopt.archs/1", "model": name, "metrics": known, "archs": views}
 
 
 def arch_document(archive: Archive, arch_id: str, model: str | None = None) -> dict[str, Any]:
-    """One architecture (``archopt show --json``): per-layer shape, chosen metrics and every value."""
-    from archopt.archdb.reads import arch_view, get_base_model, live_metrics, protocol_dict, resolve_arch
+    """One architecture (``archopt show --json``): per-layer shape, chosen metrics, every value and
+    every failed run (``failed``: ``metric``, ``protocol`` id, ``reason``, ``created_at``)."""
+    from archopt.archdb.reads import (arch_view, failed_runs, get_base_model, live_metrics, protocol_dict,
+                                      resolve_arch)
     with archive.read() as session:
         base = get_base_model(session, model) if model else None
         row = resolve_arch(session, arch_id, base)
@@ -78,6 +87,7 @@ def arch_document(archive: Archive, arch_id: str, model: str | None = None) -> d
         view["all_values"] = [{"metric": k, "value": v.value, "evaluation": v.evaluation_id,
                                "protocol": protocol_dict(session, v.protocol_id)}
                               for k, vals in sorted(values.items()) for v in vals]
+        view["failed"] = failed_runs(session, base, [row.arch_hash]).get(row.arch_hash, [])
     return view
 
 
