@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import gc
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -34,14 +34,15 @@ class Evaluator:
 
     ``precision``: what the models will compute in (``perplexity.precision_of(model)``), so that the
     tasks' protocols, and their keys, are known before anything runs; a model that runs in another
-    precision still gets measurements under the protocol of its own.
+    precision still gets measurements under the protocol of its own. ``metric_tokens``: perplexity
+    metrics that read their own number of tokens instead of ``max_tokens``.
     """
 
     def __init__(self, tokenizer: Any, metrics: Sequence[str] = ("ppl_wikitext2",), *,
                  data_dir: str | Path | None = None, seq_len: int = 128, max_tokens: int | None = None,
                  max_questions: int | None = None, shots: int = 5, ptb_split: str = "validation",
                  batch_size: int | None = None, cache_dir: str | Path | None = None,
-                 precision: str = DEFAULT_PRECISION) -> None:
+                 precision: str = DEFAULT_PRECISION, metric_tokens: Mapping[str, int] | None = None) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             close = difflib.get_close_matches(unknown[0], METRICS, n=1)
@@ -58,7 +59,8 @@ class Evaluator:
             else:
                 self.tasks[metric] = PerplexityTask.prepare(
                     tokenizer, metric, data_dir=data_dir, split=ptb_split if metric == "ppl_ptb" else None,
-                    seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir,
+                    seq_len=seq_len, max_tokens=(metric_tokens or {}).get(metric, max_tokens),
+                    batch_size=batch_size, cache_dir=cache_dir,
                     precision=precision)
 
     def evaluate(self, model: torch.nn.Module) -> list[Measurement]:

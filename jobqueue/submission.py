@@ -33,6 +33,7 @@ def settings_payload(settings: Any) -> dict[str, Any]:
     """The protocol-defining settings of a job (device and data dir belong to the worker)."""
     data = dataclasses.asdict(settings)
     data["metrics"] = list(data["metrics"])
+    data["metric_tokens"] = [list(pair) for pair in data.get("metric_tokens", ())]
     for machine_local in ("device", "data_dir"):
         data.pop(machine_local, None)
     return data
@@ -48,13 +49,8 @@ def _protocol_keys(location: str, settings: Any) -> dict[str, str] | None:
     """The protocol key of each metric (loads only the tokenizer); None when the weights are out of reach."""
     try:
         from transformers import AutoTokenizer
-        from archopt import evaluators as ev
-        from archopt.optimizer.campaign import cache_dir
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        evaluator = ev.Evaluator(
-            tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
-            max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
-            ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens")
+        from archopt.optimizer.campaign import make_evaluator
+        evaluator = make_evaluator(AutoTokenizer.from_pretrained(location), settings)
     except Exception as exc:  # noqa: BLE001 - the queue still dedupes; the worker skips what is stored
         log.info("cannot compute protocols here (%s): skipping the archive check", str(exc).splitlines()[0][:200])
         return None

@@ -110,6 +110,7 @@ def _evaluate(state: WorkerState, job_id: int, model: str, location: str, arch_i
     config = state.config
     values = dict(settings)
     values["metrics"] = tuple(values["metrics"])
+    values["metric_tokens"] = tuple((m, int(t)) for m, t in values.get("metric_tokens", ()))
     values["device"] = config.device
     values["dtype"] = config.dtype if config.dtype is not None else values.get("dtype")
     values["data_dir"] = config.data_dir

@@ -38,6 +38,7 @@ class EvalSettings:
     max_questions: int | None = None
     shots: int = 5
     ptb_split: str = "validation"
+    metric_tokens: tuple[tuple[str, int], ...] = ()   # (metric, tokens): a perplexity reading its own count
     importance: str = "taylor"
     calibration_samples: int = 10
     calibration_seq_len: int = 64
@@ -104,7 +105,7 @@ def make_evaluator(tokenizer: Any, settings: EvalSettings) -> Any:
     return ev.Evaluator(tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
                         max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
                         ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens",
-                        precision=run_precision(settings))
+                        precision=run_precision(settings), metric_tokens=dict(settings.metric_tokens))
 
 
 class Campaign:

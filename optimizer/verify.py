@@ -41,11 +41,16 @@ def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence
     """``EvalSettings`` groups measuring every metric of ``metrics``: a metric with an entry in
     ``protocols`` (metric -> protocol dict, as ``reads.protocol_dict`` gives) under that protocol's
     options, the others under ``defaults``. Metrics whose options agree share a group."""
-    groups: dict[EvalSettings, list[str]] = {}
+    groups: dict[EvalSettings, list[tuple[str, dict[str, Any]]]] = {}
     for metric in dict.fromkeys(metrics):
         options = _protocol_options(metric, protocols.get(metric), defaults)
-        groups.setdefault(dataclasses.replace(defaults, metrics=(), **options), []).append(metric)
-    return [dataclasses.replace(s, metrics=tuple(names)) for s, names in groups.items()]
+        own = {k: options.pop(k) for k in ("tokens", "ptb_split") if k in options}  # what only this metric reads
+        groups.setdefault(dataclasses.replace(defaults, metrics=(), metric_tokens=(), **options), []).append(
+            (metric, own))
+    return [dataclasses.replace(s, metrics=tuple(m for m, _ in members),
+                                metric_tokens=tuple((m, own["tokens"]) for m, own in members if own.get("tokens")),
+                                **{k: v for _, own in members for k, v in own.items() if k == "ptb_split"})
+            for s, members in groups.items()]
 
 
 def metric_protocols(archive: Archive, doc: dict[str, Any], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -64,19 +69,22 @@ def metric_protocols(archive: Archive, doc: dict[str, Any], metrics: Sequence[st
 
 
 def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSettings) -> dict[str, Any]:
-    """The ``EvalSettings`` fields that decide ``metric``'s protocol; fields it ignores keep the
-    defaults so that metrics of one protocol family group together."""
+    """The ``EvalSettings`` fields that decide ``metric``'s protocol (``tokens``: a perplexity's own
+    token count, for ``metric_tokens``); fields it ignores keep the defaults so that metrics of one
+    protocol family group together. A protocol's precision decides the dtype unless the command
+    line chose one."""
+    options: dict[str, Any] = {}
+    if p is not None and defaults.dtype is None:
+        options["dtype"] = p.get("precision") or "float32"
     if metric.startswith("ppl"):
-        options: dict[str, Any] = {"seq_len": defaults.seq_len, "max_tokens": defaults.max_tokens}
         if p is not None:
-            options = {"seq_len": p.get("seq_len") or defaults.seq_len, "max_tokens": p.get("tokens")}
+            options.update(seq_len=p.get("seq_len") or defaults.seq_len, tokens=p.get("tokens"))
         if metric == "ppl_ptb" and p is not None and p.get("split") in ("validation", "test"):
             options["ptb_split"] = p["split"]
-        return options
-    if metric == "mmlu" and p is not None:
-        return {"max_questions": p.get("questions"),
-                "shots": p["shots"] if p.get("shots") is not None else defaults.shots}
-    return {}
+    elif metric == "mmlu" and p is not None:
+        options.update(max_questions=p.get("questions"),
+                       shots=p["shots"] if p.get("shots") is not None else defaults.shots)
+    return options
 
 
 def reachable(location: str | None) -> bool:

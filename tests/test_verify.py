@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,15 +17,17 @@ from helpers.cli_runs import evaluate
 
 
 def test_each_metric_gets_its_own_protocol_options():
-    defaults = EvalSettings(metrics=("ppl_wikitext2",), seq_len=128, max_tokens=None, shots=5)
+    defaults = EvalSettings(metrics=("ppl_wikitext2",), seq_len=128, max_tokens=None, shots=5, dtype="float32")
     protocols = {"ppl_wikitext2": {"seq_len": 128, "tokens": 4096, "split": "test"},
                  "ppl_ptb": {"seq_len": 128, "tokens": 1024, "split": "test"},
                  "mmlu": {"questions": 570, "shots": 0}}
     groups = measurement_settings(protocols, ["ppl_wikitext2", "ppl_ptb", "mmlu", "ppl_wikitext2"], defaults)
     by_metric = {metric: s for s in groups for metric in s.metrics}
     assert sorted(by_metric) == ["mmlu", "ppl_ptb", "ppl_wikitext2"]
-    assert by_metric["ppl_wikitext2"].max_tokens == 4096 and by_metric["ppl_ptb"].max_tokens == 1024
-    assert by_metric["ppl_ptb"].ptb_split == "test" and by_metric["ppl_wikitext2"].ptb_split == "validation"
+    # perplexities of different token counts share one group (one job, one pass), each with its count
+    assert by_metric["ppl_wikitext2"] is by_metric["ppl_ptb"]
+    assert dict(by_metric["ppl_ptb"].metric_tokens) == {"ppl_wikitext2": 4096, "ppl_ptb": 1024}
+    assert by_metric["ppl_ptb"].ptb_split == "test"
     assert by_metric["mmlu"].max_questions == 570 and by_metric["mmlu"].shots == 0
     # metrics that agree share one group (one evaluator, one pass over the architectures)
     same = measurement_settings({"ppl_wikitext2": {"seq_len": 128, "tokens": 2048},
@@ -33,7 +36,12 @@ def test_each_metric_gets_its_own_protocol_options():
     assert len(same) == 1 and same[0].metrics == ("ppl_wikitext2", "ppl_ptb")
     # a metric without a predictor is measured under the defaults
     alone = measurement_settings({}, ["ppl_ptb"], defaults)
-    assert alone == [EvalSettings(metrics=("ppl_ptb",), seq_len=128, max_tokens=None, shots=5)]
+    assert alone == [EvalSettings(metrics=("ppl_ptb",), seq_len=128, max_tokens=None, shots=5, dtype="float32")]
+    # a protocol's precision decides the dtype unless the command line chose one
+    auto = dataclasses.replace(defaults, dtype=None)
+    picked = measurement_settings({"ppl_ptb": {"seq_len": 128, "tokens": 64, "precision": "bfloat16"}},
+                                  ["ppl_ptb", "ppl_wikitext2"], auto)
+    assert {s.metrics: s.dtype for s in picked} == {("ppl_ptb",): "bfloat16", ("ppl_wikitext2",): None}
 
 
 @pytest.mark.slow
