@@ -12,7 +12,7 @@ from rich.table import Table
 from archopt.archdb.sizes import format_size
 from archopt.cli import State, pass_state, server_options
 
-from .output import bar, cell, emit, print_json
+from .output import bar, emit, print_json
 
 
 def _client(server: str, token: str | None) -> Any:

@@ -30,18 +30,18 @@ import contextvars
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from archopt.archdb.arch import Architecture, ArchitectureError, BaseSpec, uniform_at_size
-from archopt.archdb.errors import ArchoptError
 
 from .encoding import LayerBatch, encode
 from .pareto import _mask_min, crowding_distance, to_minimization
 from .predictors import metric_direction
+from .optuna_phase import optuna_phase
+from .scoring import ORIGINS, CandidatePool, Scorer, SearchError, score_into, select_best
 from .space import SearchSpace, build_space, refine_space, size_window, trust_bounds
 
 # A search's study is a private, throw-away one: Optuna's "A new study created ..." INFO line is noise
@@ -69,14 +69,7 @@ def _quiet_search_studies() -> None:
 
 _quiet_search_studies()
 
-__all__ = ["Candidate", "SearchResult", "search"]
-
-_ORIGINS = ("warm", "uniform", "random", "optuna", "evolution")
-
-
-class SearchError(ArchoptError, ValueError):
-    """A search that cannot run as asked (no predictor for an objective, a target out of reach): one line."""
-
+__all__ = ["Candidate", "SearchError", "SearchResult", "neighbours", "search"]
 
 @dataclass
 class Candidate:
@@ -123,152 +116,6 @@ class SearchResult:
                 "stats": self.stats}
 
 
-# -- scoring -----------------------------------------------------------------------------------
-class _Scorer:
-    """Featurises a batch once per distinct featurizer and predicts the objectives' means."""
-
-    def __init__(self, predictors: Mapping[str, Any], objectives: Sequence[str]) -> None:
-        self.predictors = dict(predictors)
-        self.objectives = list(objectives)
-        for name in self.objectives:
-            p = self.predictors[name]
-            if getattr(p, "featurizer", None) is None:
-                raise SearchError(f"predictor for {name!r} has no featurizer: train it with "
-                                 f"train_predictor(..., featurizer=Featurizer(...))")
-        self.seconds = 0.0
-
-    def _features(self, batch: LayerBatch, names: Sequence[str]) -> dict[int, np.ndarray]:
-        cache: dict[int, np.ndarray] = {}
-        for name in names:
-            fz = self.predictors[name].featurizer
-            if id(fz) not in cache:
-                cache[id(fz)] = fz.transform(batch)
-        return cache
-
-    def means(self, batch: LayerBatch) -> np.ndarray:
-        t = time.perf_counter()
-        if len(batch) == 0:
-            return np.zeros((0, len(self.objectives)))
-        feats = self._features(batch, self.objectives)
-        cols = [np.asarray(self.predictors[n].predict_mean(feats[id(self.predictors[n].featurizer)]), dtype=float)
-                for n in self.objectives]
-        self.seconds += time.perf_counter() - t
-        return np.stack(cols, axis=1)
-
-    def full(self, batch: LayerBatch) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Mean and std of every predictor that can featurise this base model."""
-        means, stds = {}, {}
-        for name, p in self.predictors.items():
-            fz = getattr(p, "featurizer", None)
-            if fz is None:
-                continue
-            try:
-                X = fz.transform(batch)
-            except ValueError:
-                continue
-            if hasattr(p, "predict"):
-                m, s = p.predict(X)
-            else:
-                m, s = p.predict_mean(X), np.zeros(len(batch))
-            means[name], stds[name] = np.asarray(m, dtype=float), np.asarray(s, dtype=float)
-        return means, stds
-
-
-class _Pool:
-    """Every distinct candidate scored so far."""
-
-    def __init__(self, spec: BaseSpec, lo: int, hi: int, n_obj: int) -> None:
-        self.spec, self.lo, self.hi = spec, lo, hi
-        self.seen: set[bytes] = set()
-        self.kv: list[np.ndarray] = []
-        self.inter: list[np.ndarray] = []
-        self.F: list[np.ndarray] = []
-        self.params: list[np.ndarray] = []
-        self.origin: list[np.ndarray] = []
-        self.n_obj = n_obj
-        self._cat: tuple | None = None
-
-    def new_rows(self, batch: LayerBatch) -> np.ndarray:
-        keys = np.concatenate([batch.kv, batch.inter], axis=1).astype(np.int64)
-        keep = []
-        local: set[bytes] = set()
-        for i, row in enumerate(keys):
-            k = row.tobytes()
-            if k in self.seen or k in local:
-                continue
-            local.add(k)
-            keep.append(i)
-        return np.asarray(keep, dtype=np.int64)
-
-    def add(self, batch: LayerBatch, F: np.ndarray, origin: str) -> None:
-        keys = np.concatenate([batch.kv, batch.inter], axis=1).astype(np.int64)
-        for row in keys:
-            self.seen.add(row.tobytes())
-        self.kv.append(batch.kv)
-        self.inter.append(batch.inter)
-        self.F.append(F)
-        self.params.append(batch.params)
-        self.origin.append(np.full(len(batch), _ORIGINS.index(origin), dtype=np.int8))
-        self._cat = None
-
-    def arrays(self):
-        if self._cat is None:
-            if not self.kv:
-                L = self.spec.num_layers
-                self._cat = (np.zeros((0, L), np.int64), np.zeros((0, L), np.int64),
-                             np.zeros((0, self.n_obj)), np.zeros(0, np.int64), np.zeros(0, np.int8))
-            else:
-                self._cat = (np.concatenate(self.kv), np.concatenate(self.inter), np.concatenate(self.F),
-                             np.concatenate(self.params), np.concatenate(self.origin))
-        return self._cat
-
-    @property
-    def size(self) -> int:
-        return len(self.seen)
-
-    def feasible(self) -> np.ndarray:
-        _, _, _, p, _ = self.arrays()
-        return np.flatnonzero((p >= self.lo) & (p <= self.hi))
-
-
-def _select(Fmin: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` best rows (minimisation): non-dominated rank, then crowding distance."""
-    n = len(Fmin)
-    if n <= k:
-        order = np.arange(n)
-        return order[np.lexsort(Fmin.T[::-1])] if n else order
-    if Fmin.shape[1] == 1:
-        return np.argsort(Fmin[:, 0], kind="stable")[:k]
-    # pre-filter: a row outside the best 4k of every objective is rarely needed
-    keep = np.zeros(n, dtype=bool)
-    for j in range(Fmin.shape[1]):
-        keep[np.argsort(Fmin[:, j], kind="stable")[:4 * k]] = True
-    remaining = np.flatnonzero(keep)
-    chosen: list[np.ndarray] = []
-    count = 0
-    while count < k and len(remaining):
-        mask = _mask_min(Fmin[remaining])
-        front = remaining[mask]
-        if count + len(front) > k:
-            cd = crowding_distance(Fmin[front], ["minimize"] * Fmin.shape[1])
-            front = front[np.argsort(-cd, kind="stable")[:k - count]]
-        chosen.append(front)
-        count += len(front)
-        remaining = remaining[~mask]
-    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-
-
-# -- phases ------------------------------------------------------------------------------------
-def _score_into(pool: _Pool, scorer: _Scorer, batch: LayerBatch, origin: str, limit: int | None = None) -> LayerBatch:
-    rows = pool.new_rows(batch)
-    if limit is not None:
-        rows = rows[:max(0, limit)]
-    sub = batch.take(rows)
-    if len(sub):
-        pool.add(sub, scorer.means(sub), origin)
-    return sub
-
-
 def _baselines(space: SearchSpace, target: int) -> list[Architecture]:
     out = []
     for attention in (True, False):
@@ -277,102 +124,6 @@ def _baselines(space: SearchSpace, target: int) -> list[Architecture]:
         except ArchitectureError:
             pass
     return out
-
-
-def _optuna_phase(space: SearchSpace, scorer: _Scorer, pool: _Pool, *, directions, lo: int, hi: int,
-                  target: int, seed: int, trials: int, batch: int, warm: LayerBatch | None,
-                  storage: Any, study_name: str | None) -> dict[str, Any]:
-    import optuna
-    from optuna.distributions import FloatDistribution, IntDistribution
-
-    s = space.spec
-    idx = space.idx
-    I = s.intermediate_size
-    free_a = np.flatnonzero(space.optuna_attn())
-    free_m = np.flatnonzero(space.optuna_mlp())
-    dists: dict[str, Any] = {}
-    for p in free_a:
-        dists[f"attn_{idx[p]}"] = IntDistribution(int(space.kv_lo[p]), int(space.kv_hi[p]))
-    for p in free_m:
-        dists[f"mlp_{idx[p]}"] = FloatDistribution(float(space.mlp_lo[p]) / I, float(space.mlp_hi[p]) / I)
-    info: dict[str, Any] = {"dims": len(dists), "asked": 0, "warm_trials": 0, "study_trials": 0}
-    if not dists or trials <= 0:
-        return info
-    center_kv = space.kv_hi if space.center_kv is None else space.center_kv
-    center_mlp = (space.mlp_lo + space.mlp_hi) / 2.0 if space.center_mlp is None else space.center_mlp
-
-    def to_params(kv_row: np.ndarray, inter_row: np.ndarray) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for p in free_a:
-            d = dists[f"attn_{idx[p]}"]
-            out[f"attn_{idx[p]}"] = int(np.clip(kv_row[idx[p]], d.low, d.high))
-        for p in free_m:
-            d = dists[f"mlp_{idx[p]}"]
-            out[f"mlp_{idx[p]}"] = float(np.clip(inter_row[idx[p]] / I, d.low, d.high))
-        return out
-
-    def decode(param_list: list[dict[str, Any]]) -> LayerBatch:
-        n = len(param_list)
-        kv, inter = space.full_arrays(n)
-        kv[:, idx] = center_kv
-        inter[:, idx] = space.round_mlp(np.broadcast_to(center_mlp, (n, space.P)))
-        for i, prm in enumerate(param_list):
-            for p in free_a:
-                kv[i, idx[p]] = prm[f"attn_{idx[p]}"]
-            for p in free_m:
-                inter[i, idx[p]] = prm[f"mlp_{idx[p]}"] * I
-        return space.project(LayerBatch(s, kv, inter))
-
-    def constraints(params: int) -> dict[str, float]:
-        return {"over_target": (params - hi) / target, "under_window": (lo - params) / target}
-
-    def frozen(kv_row, inter_row, values, params) -> Any:
-        return optuna.trial.create_trial(params=to_params(kv_row, inter_row), distributions=dists,
-                                         values=[float(v) for v in values], constraints=constraints(int(params)))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=list(directions),
-                                sampler=sampler)
-    kv_all, inter_all, F_all, p_all, _ = pool.arrays()
-    feas = pool.feasible()
-    Fmin = to_minimization(F_all[feas], directions)
-    elite = feas[_select(Fmin, 24)]
-    warm_trials = [frozen(kv_all[i], inter_all[i], F_all[i], p_all[i]) for i in elite]
-    if warm is not None and len(warm):
-        Fw = scorer.means(warm)
-        warm_trials += [frozen(warm.kv[i], warm.inter[i], Fw[i], warm.params[i]) for i in range(len(warm))]
-    study.add_trials(warm_trials)
-    info["warm_trials"] = len(warm_trials)
-
-    asked = 0
-    while asked < trials:
-        nb = min(batch, trials - asked)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            tr = [study.ask(dists) for _ in range(nb)]
-        raw = decode([t.params for t in tr])
-        F_raw = scorer.means(raw)
-        p_raw = raw.params
-        for t, f, p in zip(tr, F_raw, p_raw):
-            for key, value in constraints(int(p)).items():
-                t.set_constraint(key, value)
-            study.tell(t, [float(v) for v in f])
-        asked += nb
-        rows = pool.new_rows(raw)
-        if len(rows):
-            pool.add(raw.take(rows), F_raw[rows], "optuna")
-        rep, ok = space.repair(raw, lo, hi)
-        added = _score_into(pool, scorer, rep.take(np.flatnonzero(ok)), "optuna")
-        if len(added):
-            F_add = pool.arrays()[2][-len(added):]
-            study.add_trials([frozen(added.kv[i], added.inter[i], F_add[i], added.params[i])
-                              for i in range(len(added))])
-    info["asked"] = asked
-    info["study_trials"] = len(study.trials)
-    info["study_name"] = study.study_name
-    return info
 
 
 def _offspring(space: SearchSpace, rng: np.random.Generator, parents_kv: np.ndarray, parents_inter: np.ndarray,
@@ -459,7 +210,7 @@ def neighbours(spec: BaseSpec, predictors: Mapping[str, Any], parents: Sequence[
     if not archs:
         return []
     batch = encode(archs, spec)
-    scorer = _Scorer(predictors, objectives)
+    scorer = Scorer(predictors, objectives)
     means, stds = scorer.full(batch)
     first_obj = objectives[0]
     sign = 1.0 if metric_direction(first_obj) == "minimize" else -1.0
@@ -528,22 +279,22 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
                          f"the size window [{lo:,}, {hi:,}]")
     n_candidates = max(1, int(n_candidates))
     rng = np.random.default_rng(seed)
-    scorer = _Scorer(predictors, objectives)
-    pool = _Pool(spec, lo, hi, len(objectives))
+    scorer = Scorer(predictors, objectives)
+    pool = CandidatePool(spec, lo, hi, len(objectives))
     timings: dict[str, float] = {}
 
     # phase A ------------------------------------------------------------------------------
     t = time.perf_counter()
     warm = space.project(encode(warm_start, spec)) if len(warm_start) else None
     if warm is not None:
-        _score_into(pool, scorer, warm, "warm")
+        score_into(pool, scorer, warm, "warm")
         rep, _ = space.repair(warm, lo, hi)
-        _score_into(pool, scorer, rep, "warm")
+        score_into(pool, scorer, rep, "warm")
     base = _baselines(space, target)
     if base:
         b = space.project(encode(base, spec))
         rep, _ = space.repair(b, lo, hi)
-        _score_into(pool, scorer, LayerBatch.concat([b, rep]), "uniform")
+        score_into(pool, scorer, LayerBatch.concat([b, rep]), "uniform")
     n_a = min(n_candidates, max(min(256, n_candidates), int(0.2 * n_candidates)))
     for _ in range(4):
         room = n_a - pool.size
@@ -551,7 +302,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
             break
         raw = space.sample(min(batch_size, room + room // 4 + 8), rng)
         rep, _ = space.repair(raw, lo, hi)
-        _score_into(pool, scorer, rep, "random", limit=n_a - pool.size)
+        score_into(pool, scorer, rep, "random", limit=n_a - pool.size)
     timings["seed"] = time.perf_counter() - t
 
     # refinement ---------------------------------------------------------------------------
@@ -560,7 +311,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     if refine and len(feas):
         kv_all, inter_all, F_all, _, _ = pool.arrays()
         k_el = max(16, len(feas) // 20)
-        el = feas[_select(to_minimization(F_all[feas], directions), k_el)]
+        el = feas[select_best(to_minimization(F_all[feas], directions), k_el)]
         space = refine_space(space, predictors, elite=LayerBatch(spec, kv_all[el], inter_all[el]),
                              elite_source=f"top {len(el)} of {len(feas)} seed candidates by predicted objectives")
     timings["refine"] = time.perf_counter() - t
@@ -569,7 +320,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     t = time.perf_counter()
     token = _IN_SEARCH.set(True)   # this context only (see _SearchStudyFilter)
     try:
-        opt_info = _optuna_phase(space, scorer, pool, directions=directions, lo=lo, hi=hi, target=target,
+        opt_info = optuna_phase(space, scorer, pool, directions=directions, lo=lo, hi=hi, target=target,
                                  seed=seed, trials=min(optuna_trials, max(0, n_candidates - pool.size)),
                                  batch=max(1, optuna_batch), warm=warm, storage=storage,
                                  study_name=study_name) if len(pool.feasible()) else {"asked": 0}
@@ -587,15 +338,15 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
         if not len(feas):
             raw = space.sample(batch_size, rng)
             rep, _ = space.repair(raw, lo, hi)
-            added = _score_into(pool, scorer, rep, "random", limit=n_candidates - pool.size)
+            added = score_into(pool, scorer, rep, "random", limit=n_candidates - pool.size)
         else:
             kv_all, inter_all, F_all, _, _ = pool.arrays()
-            par = feas[_select(to_minimization(F_all[feas], directions), n_par)]
+            par = feas[select_best(to_minimization(F_all[feas], directions), n_par)]
             progress = (pool.size - start_size) / max(1, n_candidates - start_size)
             kids = _offspring(space, rng, kv_all[par], inter_all[par],
                               min(generation_size, n_candidates - pool.size + 64), progress)
             rep, _ = space.repair(kids, lo, hi)
-            added = _score_into(pool, scorer, rep, "evolution", limit=n_candidates - pool.size)
+            added = score_into(pool, scorer, rep, "evolution", limit=n_candidates - pool.size)
         generations += 1
         stall = stall + 1 if len(added) == 0 else 0
     timings["evolution"] = time.perf_counter() - t
@@ -613,7 +364,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     if len(front_all) > 512:   # many ties or a dense front: keep a spread subset before predicting std
         cd = crowding_distance(to_minimization(F_all[front_all], directions), ["minimize"] * M)
         front_all = front_all[np.sort(np.argsort(-cd, kind="stable")[:512])]
-    near = feas[_select(Fmin, max(4 * n_top, 16))] if len(feas) else np.zeros(0, np.int64)
+    near = feas[select_best(Fmin, max(4 * n_top, 16))] if len(feas) else np.zeros(0, np.int64)
     show = np.unique(np.r_[front_all, near])
     cands: dict[int, Candidate] = {}
     risk = np.zeros(0)
@@ -629,7 +380,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
                 fraction=float(p_all[i] / spec.total_params),
                 predicted={m: float(v[j]) for m, v in means.items()},
                 uncertainty={m: float(v[j]) for m, v in stds.items()},
-                origin=_ORIGINS[int(o_all[i])])
+                origin=ORIGINS[int(o_all[i])])
     risk_of = {int(i): float(r) for i, r in zip(show, risk)}
     front_idx = front_all
     if len(front_idx) > max_results:
@@ -651,7 +402,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
         rk = np.array([risk_of[int(i)] for i in ranked_idx])
         ranked_idx = ranked_idx[np.lexsort((rk, Fr[:, 0], ~on_front))][:n_top]
     timings["answer"] = time.perf_counter() - t
-    origins = {o: int((o_all == k).sum()) for k, o in enumerate(_ORIGINS)}
+    origins = {o: int((o_all == k).sum()) for k, o in enumerate(ORIGINS)}
     stats = {
         "candidates_scored": int(pool.size), "feasible": int(len(feas)),
         "feasible_share": round(len(feas) / max(1, pool.size), 4), "by_origin": origins,

@@ -78,7 +78,7 @@ def test_query_rounds_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     _, before = counts(sqlite_url)
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--tolerance", "5%",
                 "--verify", "2", "--rounds", "2", "--data-dir", str(data_dir), "--seq-len", "16",
-                "--device", "cpu", "--metrics", "ppl_wikitext2,ppl_ptb")
+                "--device", "cpu", "--metrics", "ppl_wikitext2,ppl_ptb", "--no-starts")  # starts: test_verify
     assert r.code == 0, r.err
     assert "2 rounds, 4 architectures verified" in r.out
     _, after = counts(sqlite_url)
