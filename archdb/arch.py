@@ -9,13 +9,14 @@ Parameter counts are exact and computed from the base shape alone: they equal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from itertools import chain
+from itertools import chain, starmap
 from typing import Any
 
 from .errors import ArchoptError
@@ -332,7 +333,10 @@ def uniform_at_size(spec: BaseSpec, target_params: int, layers: Sequence[int] | 
     return hi, uniform(spec, hi, layers, multiple, attention)
 
 
-_LAYER_CACHE: dict[tuple[int, int, int], LayerSpec] = {}  # LayerSpecs are immutable: share them
+@functools.lru_cache(maxsize=50_000)
+def _kept_layer(q: int, kv: int, inter: int) -> LayerSpec:
+    """The (immutable, shared) spec of a kept layer: archives repeat a few hundred shapes."""
+    return LayerSpec(q, kv, inter, False)
 
 
 def _plain_rows(rows: Any) -> list[LayerSpec] | None:
@@ -346,15 +350,7 @@ def _plain_rows(rows: Any) -> list[LayerSpec] | None:
             return None
     except TypeError:
         return None
-    keys = list(map(tuple, rows))
-    layers = list(map(_LAYER_CACHE.get, keys))
-    if not all(layers):  # a miss (not `None in layers`: that calls LayerSpec.__eq__ on each)
-        for i, layer in enumerate(layers):
-            if layer is None:
-                layer = layers[i] = LayerSpec(*keys[i], False)
-                if len(_LAYER_CACHE) < 50_000:
-                    _LAYER_CACHE[keys[i]] = layer
-    return layers
+    return list(starmap(_kept_layer, rows))
 
 
 def from_layer_dicts(spec: BaseSpec, rows: Iterable[Any]) -> Architecture:
@@ -367,12 +363,7 @@ def from_layer_dicts(spec: BaseSpec, rows: Iterable[Any]) -> Architecture:
         if (type(row) is list or type(row) is tuple) and len(row) == 3:  # fast path: [q, kv, inter]
             q, kv, inter = row
             if type(q) is int and type(kv) is int and type(inter) is int:
-                layer = _LAYER_CACHE.get((q, kv, inter))
-                if layer is None:
-                    layer = LayerSpec(q, kv, inter, False)
-                    if len(_LAYER_CACHE) < 50_000:
-                        _LAYER_CACHE[(q, kv, inter)] = layer
-                layers.append(layer)
+                layers.append(_kept_layer(q, kv, inter))
                 continue
         if row is None or row == "-" or (isinstance(row, Mapping) and row.get("dropped") is True):
             layers.append(DROPPED)

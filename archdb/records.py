@@ -9,6 +9,7 @@ and line.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -129,10 +130,6 @@ def parse_base_model(data: Any, name: str | None = None) -> BaseModelInfo:
     return BaseModelInfo(name.strip(), spec, config_hash, location, revision)
 
 
-_PROTOCOL_CACHE: dict[Any, Protocol] = {}
-_PROTOCOL_CACHE_SIZE = 4096
-
-
 def protocol_from_dict(data: Any) -> Protocol:
     """``Protocol.from_dict`` with a cache: a file of 100,000 values usually names a handful of
     protocols, so each distinct one is validated (and later hashed) once. The cache key keeps
@@ -145,21 +142,27 @@ def protocol_from_dict(data: Any) -> Protocol:
         hash(key)
     except TypeError:  # a nested "extra" object: its JSON text keeps the types apart too
         try:
-            key = json.dumps(data, sort_keys=True)
+            key = json.dumps(data)  # in its own order: the protocol keeps the order of "extra"
         except (TypeError, ValueError):
             return Protocol.from_dict(data)
-    protocol = _PROTOCOL_CACHE.get(key)
-    if protocol is None:
-        protocol = Protocol.from_dict(data)
-        if len(_PROTOCOL_CACHE) >= _PROTOCOL_CACHE_SIZE:
-            _PROTOCOL_CACHE.clear()
-        _PROTOCOL_CACHE[key] = protocol
-    return protocol
+    return _protocol_of_key(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _protocol_of_key(key: Any) -> Protocol:
+    """The protocol a ``protocol_from_dict`` key describes (its JSON text, or names, values, types)."""
+    if isinstance(key, str):
+        return Protocol.from_dict(json.loads(key))
+    names, values, _ = key
+    return Protocol.from_dict(dict(zip(names, values)))
 
 
 _VALUE_FIELDS = frozenset({"metric", "value", "protocol", "source", "device", "duration_s", "created_at",
                            "retracted_at", "retract_reason"})
-_GOOD_METRICS: set[str] = set()  # names already validated (a file repeats a few metric names)
+@functools.lru_cache(maxsize=10_000)
+def _checked_metric_name(metric: str) -> str:
+    """``validate_metric_name``, once per name (a file repeats a few metric names)."""
+    return validate_metric_name(metric)
 
 
 def parse_value(data: Any, where: str, source: str | None) -> ValueRecord:
@@ -169,13 +172,10 @@ def parse_value(data: Any, where: str, source: str | None) -> ValueRecord:
         unknown = sorted(str(k) for k in set(data) - _VALUE_FIELDS)
         raise RecordError(f"{where}.{unknown[0][:40]}", "unknown field")
     metric = data.get("metric")
-    if metric.__class__ is not str or metric not in _GOOD_METRICS:
-        try:
-            metric = validate_metric_name(metric)
-        except ProtocolError as exc:
-            raise RecordError(f"{where}.metric", str(exc)) from None
-        if len(_GOOD_METRICS) < 10_000:
-            _GOOD_METRICS.add(metric)
+    try:
+        metric = _checked_metric_name(metric) if metric.__class__ is str else validate_metric_name(metric)
+    except ProtocolError as exc:
+        raise RecordError(f"{where}.metric", str(exc)) from None
     if "value" not in data:
         raise RecordError(f"{where}.value", "is missing")
     try:

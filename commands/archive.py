@@ -137,10 +137,13 @@ def archs(state: State, model: str, sort: str | None, protocol: int | None, limi
     known, views, name = doc["metrics"], doc["archs"], doc["model"]
     shown = [m for m in ("ppl_wikitext2", "ppl_ptb", "mmlu") if m in known] or known[:3]
     rows = [{"id": v["arch_id"][:12], "params": format_size(v["params"]), "pct": f"{100 * v['fraction']:.1f}%",
-             "origin": v["origin"], "sketch": v["sketch"], **_metric_cells(v)} for v in views]
-    emit(state, rows, [("id", "arch"), ("params", "params"), ("pct", "% base"), ("origin", "origin"),
-                       *[(mname, mname) for mname in shown], ("sketch", "per-layer kept (A attn, M mlp)")],
-         as_json, doc, title=f"{name}: {len(views)} architectures")
+             "origin": v["origin"], "sketch": v["sketch"], **_metric_cells(v),
+             "failed": ", ".join(sorted({f["metric"] for f in v.get("failed", [])})) or None} for v in views]
+    columns = [("id", "arch"), ("params", "params"), ("pct", "% base"), ("origin", "origin"),
+               *[(mname, mname) for mname in shown], ("sketch", "per-layer kept (A attn, M mlp)")]
+    if any(r["failed"] for r in rows):
+        columns.append(("failed", "failed runs (archopt show ID)"))
+    emit(state, rows, columns, as_json, doc, title=f"{name}: {len(views)} architectures")
 
 
 @click.command()
@@ -185,6 +188,13 @@ def show(state: State, arch_id: str, model: str | None, as_json: bool) -> None:
                                            f"{p['shots']}-shot" if p["shots"] is not None else "") if x)
         values_table.add_row(str(v["evaluation"]), v["metric"], f"{v['value']:.4g}", f"#{p['id']} {desc}")
     state.out.print(values_table)
+    if view.get("failed"):
+        failed_table = Table(title="failed runs (never measured again; retracting nothing is needed)")
+        for header in ("metric", "protocol", "reason", "when"):
+            failed_table.add_column(header)
+        for f in view["failed"]:
+            failed_table.add_row(f["metric"], f"#{f['protocol']}", f["reason"], str(f["created_at"])[:19])
+        state.out.print(failed_table)
 
 
 @click.group()

@@ -84,7 +84,9 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
             spec, samples, sampler, seed=seed, layers=layer_idx, ratios=ratio_values or (0.1, 0.2, 0.3, 0.4, 0.5),
             target_params=target, tolerance=tol)]
     report = run_campaign(state, campaign, archs, f"evaluating {campaign.name}")
-    state.out.print(f"{campaign.name}: {report.evaluated} architectures measured, {report.skipped} already in the archive")
+    failed = f", {report.failed} with a failed run (archopt show ID says why)" if report.failed else ""
+    state.out.print(f"{campaign.name}: {report.evaluated} architectures measured, {report.skipped} already in the "
+                    f"archive{failed}")
 
 
 def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:

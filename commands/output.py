@@ -123,7 +123,8 @@ def progress_runner(state: Any, title: str, total: int) -> Any:
     task = progress.add_task(title, total=total, last="")
 
     def on_result(i: int, n: int, result: Any) -> None:
-        shown = " ".join(f"{x.metric}={x.value:.4g}" for x in result.measurements if ":" not in x.metric)
+        shown = " ".join([f"{x.metric}={x.value:.4g}" for x in result.measurements if ":" not in x.metric]
+                         + [f"{metric} failed ({why})" for metric, why in getattr(result, "failed", {}).items()])
         progress.update(task, advance=1, last="skipped (in archive)" if result.skipped else shown)
 
     return progress, on_result

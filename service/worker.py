@@ -8,6 +8,7 @@ the answer (a plain ``archopt.query/1`` dict) or the error comes back pickled.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -17,16 +18,18 @@ from archopt.archdb.archive import Archive, ArchiveError
 
 from .documents import RequestError
 
-_archive: Archive | None = None
+@functools.cache
+def _archive_of(url: str) -> Archive:
+    """This worker process's archive on ``url`` (opened by the pool's initializer, then reused)."""
+    return Archive(url)
 
 
 def _start(url: str) -> None:
-    global _archive
-    _archive = Archive(url)
+    _archive_of(url)
 
 
 def _ready() -> bool:
-    from archopt.optimizer import query  # noqa: F401  (import the search's modules before the first query)
+    from archopt.optimizer import query  # noqa: F401 - (import the search's modules before the first query)
     return True
 
 
@@ -45,9 +48,8 @@ def compute_query(archive: Archive, request: Any) -> dict[str, Any]:
         raise
 
 
-def _compute(request: Any) -> dict[str, Any]:
-    assert _archive is not None
-    return compute_query(_archive, request)
+def _compute(url: str, request: Any) -> dict[str, Any]:
+    return compute_query(_archive_of(url), request)
 
 
 class SearchPool:
@@ -66,11 +68,11 @@ class SearchPool:
 
     def submit(self, request: Any) -> Future:
         try:
-            return self._executor.submit(_compute, request)
+            return self._executor.submit(_compute, self.url, request)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start new ones
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = self._new()
-            return self._executor.submit(_compute, request)
+            return self._executor.submit(_compute, self.url, request)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -106,6 +106,11 @@ def test_diverged_run_is_recorded_as_failed_and_nothing_else_breaks(run_cli, sql
     shown = strict_json(r.out)
     assert [f["metric"] for f in shown["failed"]] == ["ppl_wikitext2"]
     assert all(v["metric"] != "ppl_wikitext2" for v in shown["all_values"])
+    # the tables say it too: a column in archs, a table of failed runs in show
+    r = run_cli(*db, "archs", "--model", "tiny-gqa")
+    assert r.code == 0 and "failed runs" in r.out and bad.arch_id[:12] in r.out, r.out
+    r = run_cli(*db, "show", bad.arch_id[:12])
+    assert r.code == 0 and "failed runs" in r.out and "diverged" in r.out, r.out
     r = run_cli(*db, "export", "--format", "jsonl")
     assert r.code == 0, r.err
     lines = [strict_json(line) for line in r.out.splitlines()]
