@@ -218,8 +218,8 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
         return
     print_query(state, doc)
     obj = request.objectives[0]
-    from archopt.optimizer.predictors import metric_direction
-    sign = 1 if metric_direction(obj) == "minimize" else -1
+    from archopt.archdb.metrics import metric_info
+    sign = -1 if metric_info(obj, strict=False).higher_is_better else 1
     best = min((x for x in verified if x["measured"].get(obj) is not None),
                key=lambda x: sign * x["measured"][obj], default=None)
     state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"

@@ -8,6 +8,7 @@ the predictions, under the predictor's protocol.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from archopt.archdb import models as m
 from archopt.archdb import reads
 from archopt.archdb.archive import Archive
-from archopt.archdb.protocol import METRICS
+from archopt.archdb.metrics import EVALUATED, UnknownMetric, metric_info
 from archopt.archdb.sizes import parse_size, parse_tolerance
 from archopt.archdb.store import spec_of
 
@@ -45,14 +46,21 @@ class QueryRequest:
 
 
 def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
+    """The distinct objectives, each a metric the registry knows (``archdb.metrics``); a near miss
+    of an evaluated metric (``ppl_wikitxt2``) is refused with the close match."""
     out = tuple(dict.fromkeys(objectives))
     if not out:
         raise PredictorError("at least one objective is needed")
     for name in out:
-        if name not in METRICS and not name.startswith(("ppl", "kl", "mmlu")):
-            import difflib
-            close = difflib.get_close_matches(name, METRICS, n=1)
-            raise PredictorError(f"unknown objective {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if name in EVALUATED:
+            continue
+        close = difflib.get_close_matches(name, EVALUATED, n=1, cutoff=0.8)
+        if close:
+            raise PredictorError(f"unknown objective {name!r} (did you mean {close[0]!r}?)")
+        try:
+            metric_info(name)
+        except UnknownMetric as exc:
+            raise PredictorError(f"unknown objective: {exc}") from None
     return out
 
 
