@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 JOINING = "\n\n"
 WIKITEXT2 = "wikitext-2-raw-v1"
@@ -49,28 +49,28 @@ def _split_names(split: str) -> tuple[str, str]:
 
 def wikitext2_rows(split: str = "test", data_dir: str | Path | None = None) -> list[str]:
     """WikiText-2 raw rows: ``DIR/wikitext-2/wiki.<split>.raw`` or ``datasets`` ``wikitext``/``wikitext-2-raw-v1``."""
-    local, hf = _split_names(split)
-    if data_dir is not None:
-        path = Path(data_dir) / "wikitext-2" / f"wiki.{local}.raw"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (expected the WikiText-2 raw {local} file)")
-        return read_wikitext_rows(path)
-    from datasets import load_dataset
-
-    return list(load_dataset("wikitext", WIKITEXT2, split=hf)["text"])
+    return _rows(split, data_dir, "wikitext-2/wiki.{}.raw", "the WikiText-2 raw {} file", read_wikitext_rows,
+                 ("wikitext", WIKITEXT2), "text")
 
 
 def ptb_rows(split: str = "validation", data_dir: str | Path | None = None) -> list[str]:
     """PTB rows: ``DIR/ptb/ptb.<split>.txt`` or ``datasets`` ``ptb_text_only`` (column ``sentence``)."""
+    return _rows(split, data_dir, "ptb/ptb.{}.txt", "the Mikolov PTB {} file", read_ptb_rows, (PTB,), "sentence")
+
+
+def _rows(split: str, data_dir: str | Path | None, local_name: str, what: str, read: Any,
+          hub_args: tuple[str, ...], column: str) -> list[str]:
+    """The rows of a split from ``data_dir`` (``local_name`` formatted with the split's file name)
+    or, without a folder, from the ``datasets`` hub builder ``hub_args``."""
     local, hf = _split_names(split)
     if data_dir is not None:
-        path = Path(data_dir) / "ptb" / f"ptb.{local}.txt"
+        path = Path(data_dir) / local_name.format(local)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (expected the Mikolov PTB {local} file)")
-        return read_ptb_rows(path)
+            raise FileNotFoundError(f"{path} not found (expected {what.format(local)})")
+        return read(path)
     from datasets import load_dataset
 
-    return list(load_dataset(PTB, split=hf)["sentence"])
+    return list(load_dataset(*hub_args, split=hf)[column])
 
 
 def dataset_text(dataset: str, split: str, data_dir: str | Path | None = None) -> str:
