@@ -124,8 +124,33 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
             doc["verified"] = []
         else:
             doc["verified"] = _verify(state, verifier, doc, v.verify, show=not as_json)
+            doc["verification"] = _verification(state, verifier, doc, as_json)
     if as_json:
         print_json(doc)
+
+
+def _verification(state: State, verifier: Any, doc: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """What verification spent (forwarded tokens) and where the best measured architecture of the
+    query's window stands against the best rule of thumb measured there; printed unless JSON."""
+    from archopt.optimizer.verify import standing
+    out = {"forwarded_tokens": verifier.cache.forwarded_tokens(), "standing": standing(state.archive, doc)}
+    if not as_json:
+        state.out.print(standing_line(out))
+    return out
+
+
+def standing_line(verification: dict[str, Any]) -> str:
+    """``spent 1,234,567 forwarded tokens; best ppl_wikitext2 in the window 248.5 (verify), 0.98x the
+    best rule of thumb (253.1, rule)``."""
+    line = f"spent {verification['forwarded_tokens']:,} forwarded tokens"
+    st = verification.get("standing")
+    if st is None:
+        return line
+    best, rule = st["best"], st["best_rule"]
+    line += f"; best {st['objective']} in the window {best['value']:.4g} ({best['origin']} {best['arch_id'][:12]})"
+    if rule is None:
+        return line + "; no rule of thumb measured there (archopt evaluate --params SIZE --starts)"
+    return line + f", {st['ratio']:.3g}x the best rule of thumb ({rule['value']:.4g}, {rule['origin']})"
 
 
 def _verifier(state: State, model: str, v: VerifyOptions, evaluation: EvalOptions, seed: int) -> Any:
@@ -213,6 +238,7 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
     doc["verified"] = verified
     doc["rounds"] = report.to_dict()
+    doc["verification"] = _verification(state, verifier, doc, as_json=True)
     if as_json:
         print_json(doc)
         return
@@ -225,3 +251,4 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"
                     + (f", {report.screened} screened" if v.screen else "")
                     + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))
+    state.out.print(standing_line(doc["verification"]))

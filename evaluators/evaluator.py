@@ -63,6 +63,11 @@ class Evaluator:
                     batch_size=batch_size, cache_dir=cache_dir,
                     precision=precision)
 
+    @property
+    def forwarded_tokens(self) -> int:
+        """Tokens one ``evaluate`` puts through a model: the budget unit of search comparisons."""
+        return sum(task.forwarded_tokens for task in self.tasks.values())
+
     def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
         """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject."""
         out: list[Measurement] = []

@@ -190,6 +190,11 @@ class MmluTask:
                     offset += n
         return out  # type: ignore[return-value]
 
+    @property
+    def forwarded_tokens(self) -> int:
+        """Tokens one evaluation puts through the model (every prompt)."""
+        return sum(len(item.prompt_ids) for item in self.items)
+
     def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
         """``mmlu`` (micro average over all questions) and ``mmlu:<subject>`` accuracies; a model
         whose answer log-likelihoods are not finite (diverged) gives failed measurements."""

@@ -153,6 +153,11 @@ class PerplexityTask:
                 total += _summed_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return total, self.predicted_tokens
 
+    @property
+    def forwarded_tokens(self) -> int:
+        """Tokens one evaluation puts through the model (every window)."""
+        return int(self.windows.numel())
+
     def evaluate(self, model: torch.nn.Module) -> Measurement:
         """Perplexity of ``model`` (eval mode expected) on the prepared windows; a diverged model
         gives a measurement whose ``failed`` says why (its value is inf or NaN)."""

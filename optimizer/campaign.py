@@ -59,6 +59,7 @@ class ArchResult:
     skipped: bool
     seconds: float
     failed: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0          # tokens put through the pruned model to measure it (0 when skipped)
 
 
 @dataclass
@@ -78,6 +79,11 @@ class CampaignReport:
     def failed(self) -> int:
         """Architectures with a failed run (new or from before) under this run's protocols."""
         return sum(bool(r.failed) for r in self.results)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens forwarded through pruned models by this run."""
+        return sum(r.tokens for r in self.results)
 
 
 def cache_dir() -> Path:
@@ -133,6 +139,7 @@ class Campaign:
             data_dir=settings.data_dir)
         self.evaluator = make_evaluator(self.base.tokenizer, settings)
         self.screener: Any = None
+        self.forwarded_tokens = 0   # tokens this campaign put through pruned models (screening included)
 
     def enable_screening(self, metric: str, tokens: int | None = None) -> str:
         """Prepare a cheap fidelity of ``metric``: the same text and window on the first ``tokens``
@@ -163,6 +170,7 @@ class Campaign:
         other = copy.copy(self)
         other.settings = settings
         other.screener = None
+        other.forwarded_tokens = 0
         other.evaluator = make_evaluator(self.base.tokenizer, settings)
         return other
 
@@ -279,7 +287,8 @@ class Campaign:
                         failed[(arch_id, metric, key)] = bad[metric]
                     else:
                         done.add((arch_id, metric, key))
-                result = ArchResult(arch_id, arch, good, False, seconds, bad)
+                result = ArchResult(arch_id, arch, good, False, seconds, bad, evaluator.forwarded_tokens)
+                self.forwarded_tokens += result.tokens
             report.results.append(result)
             if on_result is not None:
                 on_result(i, len(archs), result)

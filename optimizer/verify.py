@@ -23,13 +23,15 @@ from archopt.archdb import reads
 from archopt.archdb.arch import Architecture, from_layer_dicts
 from archopt.archdb.archive import Archive
 from archopt.archdb.errors import ArchoptError
+from archopt.archdb.metrics import metric_info
 from archopt.archdb.store import spec_of
 
 from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 
 OnResult = Callable[[int, int, Any], Any]
 
-__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "metric_protocols", "reachable"]
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "metric_protocols", "origin_of",
+           "reachable", "standing"]
 
 
 class VerifyError(ArchoptError, RuntimeError):
@@ -87,6 +89,39 @@ def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSetti
     return options
 
 
+def origin_of(row: dict[str, Any]) -> str:
+    """The archive origin of a verified result row: a strong start of ``verify_loop`` is stored as
+    the rule it is (``uniform`` or ``rule``), anything else as ``verify``."""
+    if row.get("origin") == "start":
+        return "uniform" if row.get("start") == "uniform" else "rule"
+    return "verify"
+
+
+def standing(archive: Archive, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the best measured architecture of a query's window stands against the best rule of
+    thumb (origin ``uniform`` or ``rule``) measured there, on the first objective under its
+    predictor's protocol: ``{"objective", "best": {arch_id, value}, "best_rule": {...} | None,
+    "ratio": best / best_rule}``; None when nothing in the window is measured."""
+    objective = doc["objectives"][0]
+    pid = doc.get("predictor_protocols", {}).get(objective)
+    if pid is None:
+        return None
+    lo, hi = doc["window"]
+    sign = -1.0 if metric_info(objective, strict=False).higher_is_better else 1.0
+    with archive.read() as session:
+        base = reads.get_base_model(session, doc["model"])
+        inside = [(a.arch_hash, a.origin, v) for a, v, _ in reads.training_pairs(session, base, objective, pid)
+                  if lo <= a.params <= hi]
+    if not inside:
+        return None
+    best = min(inside, key=lambda t: sign * t[2])
+    rules = [t for t in inside if t[1] in ("uniform", "rule")]
+    rule = min(rules, key=lambda t: sign * t[2]) if rules else None
+    return {"objective": objective, "best": {"arch_id": best[0], "origin": best[1], "value": best[2]},
+            "best_rule": {"arch_id": rule[0], "origin": rule[1], "value": rule[2]} if rule else None,
+            "ratio": best[2] / rule[2] if rule and rule[2] else None}
+
+
 def reachable(location: str | None) -> bool:
     """A local model directory, or something that looks like a hub id (``org/name``)."""
     if not location:
@@ -122,6 +157,10 @@ class CampaignCache:
             raise VerifyError(f"cannot verify: {str(exc).splitlines()[0]}") from None
         self._campaigns[key] = campaign
         return campaign
+
+    def forwarded_tokens(self) -> int:
+        """Tokens every campaign of this cache has put through pruned models."""
+        return sum(c.forwarded_tokens for c in self._campaigns.values())
 
 
 def _same_model(a: EvalSettings, b: EvalSettings) -> bool:
@@ -163,10 +202,12 @@ class Verifier:
     def architectures(self, rows: Sequence[dict[str, Any]]) -> list[Architecture]:
         return [from_layer_dicts(self.spec, r["layers"]) for r in rows]
 
-    def measure(self, archs: Sequence[Architecture], doc: dict[str, Any],
+    def measure(self, archs: Sequence[Architecture | tuple[Architecture, str]], doc: dict[str, Any],
                 on_result: OnResult | None = None) -> list[CampaignReport]:
-        """Prune, measure and store ``archs`` under every settings group of ``doc``."""
-        return [c.run([(a, "verify") for a in archs], on_result) for c in self.campaigns(doc)]
+        """Prune, measure and store ``archs`` (or (architecture, origin) pairs; default origin
+        ``verify``) under every settings group of ``doc``."""
+        pairs = [a if isinstance(a, tuple) else (a, "verify") for a in archs]
+        return [c.run(pairs, on_result) for c in self.campaigns(doc)]
 
     def measured(self, rows: Sequence[dict[str, Any]], doc: dict[str, Any]) -> list[dict[str, Any]]:
         """For each result row: its id, predictions and the archive's value of every objective under
@@ -184,7 +225,7 @@ class Verifier:
     def verify(self, doc: dict[str, Any], k: int, on_result: OnResult | None = None) -> list[dict[str, Any]]:
         """Measure the top ``k`` results of a query document; returns ``measured`` of them."""
         top = doc["results"][:k]
-        self.measure(self.architectures(top), doc, on_result)
+        self.measure(list(zip(self.architectures(top), map(origin_of, top))), doc, on_result)
         return self.measured(top, doc)
 
     def strong_starts(self, doc: dict[str, Any]) -> list[tuple[str, Architecture]]:

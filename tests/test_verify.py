@@ -93,3 +93,9 @@ def test_rounds_measure_the_strong_starts_first(run_cli, sqlite_url, model_dir, 
     measured = {v["arch_id"]: v["measured"]["ppl_wikitext2"] for v in doc["verified"]}
     assert set(first["starts"]) <= set(measured) and all(measured[a] is not None for a in first["starts"])
     assert min(measured.values()) <= min(measured[a] for a in first["starts"])
+    # the answer says what verification spent and where its best stands against the rules of thumb
+    spent = doc["verification"]["forwarded_tokens"]
+    assert spent % 160 == 0 and spent >= 160 * len(measured)  # 10 windows of 16 tokens per architecture
+    standing = doc["verification"]["standing"]
+    assert standing["best_rule"] is not None and standing["best_rule"]["origin"] in ("uniform", "rule")
+    assert standing["ratio"] <= 1.0
