@@ -20,7 +20,7 @@ from .errors import ArchoptError
 from .arch import ArchitectureError, BaseSpec
 from .protocol import Protocol, ProtocolError, validate_metric_name, validate_value
 
-ORIGINS = ("base", "uniform", "random", "search", "verify", "ingest", "rule")
+ORIGINS = ("base", "uniform", "random", "search", "verify", "ingest", "rule", "screen", "profile")
 IMPORTANCE_CRITERIA = ("taylor", "l2")
 
 

@@ -66,8 +66,11 @@ verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 @click.option("--tolerance", default="2%", show_default=True, help="Results lie in [target*(1-tol), target].")
 @click.option("--objectives", default="ppl_wikitext2", show_default=True,
               help="Comma-separated metrics to optimise (ppl_* minimised, mmlu maximised).")
-@click.option("--top", type=click.IntRange(min=1, max=200), default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top", type=click.IntRange(min=1, max=200), default=10, show_default=True,
+              help="Show at most K architectures of the Pareto front.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search (same seed, same answer).")
+@click.option("--allow-drop", is_flag=True,
+              help="Let the search drop whole decoder layers (needed below the smallest all-layers architecture).")
 @click.option("--explain", is_flag=True, help="Show the refined search space (which layers matter).")
 @click.option("--no-retrain", is_flag=True, help="Use the current predictors even if the archive has newer data.")
 @verify_options
@@ -76,7 +79,7 @@ verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 @server_options
 @pass_state
 def query(state: State, model: str, params_text: str, tolerance: str, objectives: str, top: int, seed: int,
-          explain: bool, no_retrain: bool, verification: VerifyOptions, as_json: bool, evaluation: EvalOptions,
+          allow_drop: bool, explain: bool, no_retrain: bool, verification: VerifyOptions, as_json: bool, evaluation: EvalOptions,
           server: str | None, token: str | None) -> None:
     """Pareto-optimal pruned architectures of MODEL for a size target.
 
@@ -87,6 +90,7 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     \b
     Example:
       archopt query --model ptb-llama-8l --params 80% --top 5
+      archopt query --model ptb-llama-8l --params 30% --allow-drop
       archopt query --model ptb-llama-8l --params 80% --verify 2 --data-dir ../shared/data
       archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --data-dir ../shared/data
       archopt query --model ptb-llama-8l --params 80% --verify 4 --rounds 5 --screen 24 --data-dir ../shared/data
@@ -100,14 +104,16 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
         queue_url(state)
     request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
                            objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
-                           top=top, seed=seed, explain=explain, retrain=not no_retrain)
+                           top=top, seed=seed, explain=explain, retrain=not no_retrain, allow_drop=allow_drop)
+    if v.verify and not v.to_queue and not server:
+        _check_texts(request.objectives, evaluation)
     if v.rounds > 1 or v.screen:
         _query_rounds(state, request, v, evaluation, as_json)
         return
     if server:
         from archopt.service.client import Client
         body = {"model": model, "params": params_text, "tolerance": tolerance, "objectives": list(request.objectives),
-                "top": top, "seed": seed, "explain": explain}
+                "top": top, "seed": seed, "explain": explain, **({"allow_drop": True} if allow_drop else {})}
         doc = Client(server, token).query(body, on_wait=lambda message: state.err.print(message))
     else:
         doc = run_query(state.archive, request)
@@ -155,16 +161,36 @@ def standing_line(verification: dict[str, Any]) -> str:
 
 def _verifier(state: State, model: str, v: VerifyOptions, evaluation: EvalOptions, seed: int) -> Any:
     """The ``optimizer.verify.Verifier`` of the command line's evaluation options."""
-    from archopt.optimizer.verify import Verifier
+    from archopt.evaluators.hub import SourceError, check_model_source
+    from archopt.optimizer.verify import Verifier, VerifyError
     defaults = evaluation.settings(seed)
     verifier = Verifier(state.archive, model, defaults, weights=v.weights, extra_metrics=defaults.metrics)
+    try:  # a hub id that this machine cannot get: said at once, not after minutes of retries
+        check_model_source(verifier.location, f"--weights {verifier.location}" if v.weights else
+                           f"the weights of {verifier.model} ({verifier.location}; --weights PATH overrides)")
+    except SourceError as exc:
+        raise VerifyError(f"cannot verify: {exc}") from None
     verifier.screen_tokens = v.screen_tokens
     return verifier
 
 
+def _check_texts(objectives: tuple[str, ...], evaluation: EvalOptions) -> None:
+    """Before a query that verifies on this machine: the texts can be had (a missing --data-dir, a
+    hub offline or unreachable is one line at once, before any search or model load)."""
+    from archopt.cli import metric_list
+    from archopt.evaluators.hub import check_text_sources
+    check_text_sources(evaluation.data_dir, [*objectives, *metric_list(evaluation.metrics)])
+
+
 def _verify(state: State, verifier: Any, doc: dict[str, Any], k: int, *, show: bool) -> list[dict[str, Any]]:
-    """Measure the top ``k`` of a query with a progress bar; prints predicted against measured."""
-    progress, on_result = progress_runner(state, "verifying", k * len(verifier.settings(doc)))
+    """Measure the top ``k`` of a query with a progress bar; prints predicted against measured. When
+    it measures fewer than ``k``, it says why (stderr, and ``verify_note`` in the document)."""
+    from archopt.optimizer.verify import shortfall
+    note = shortfall(doc, k)
+    if note:
+        state.err.print(note, markup=False)
+        doc["verify_note"] = note
+    progress, on_result = progress_runner(state, "verifying", min(k, len(doc["results"])) * len(verifier.settings(doc)))
     with progress:
         verified = verifier.verify(doc, k, on_result)
     if show:
@@ -207,6 +233,13 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     except VerifyError as exc:
         raise UserError(str(exc)) from None
     verified: list[dict[str, Any]] = []
+
+    def profiled(i: int, n: int, result: Any) -> None:
+        if not as_json and i in (0, n - 1):
+            state.err.print(f"sensitivity profile: {i + 1}/{n} single-layer variants on a cheap fidelity"
+                            + (" (measured once per base model; later queries reuse it)" if i == 0 else ""))
+
+    verifier.on_profile = profiled
 
     def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         if not as_json:

@@ -21,6 +21,7 @@ from archopt.archdb.protocol import Measurement
 from archopt.archdb.records import BaseModelInfo
 from archopt.archdb.store import NewArch, record_measurements, register_base_model
 from archopt.archdb import reads
+from archopt.evaluators.hub import SourceError
 
 
 class CampaignError(ArchoptError, RuntimeError):
@@ -124,6 +125,8 @@ class Campaign:
         self.settings = settings
         try:
             self.base = ev.load_base_model(model_ref, device=settings.device, dtype=settings.dtype)
+        except SourceError as exc:  # it names the model and what to pass instead
+            raise CampaignError(f"cannot load {exc}") from None
         except (OSError, ValueError) as exc:
             raise CampaignError(f"cannot load model {model_ref!r}: {str(exc).splitlines()[0][:200]}") from None
         self.name = name or self._registered_name(model_ref) or self.base.name
@@ -146,22 +149,37 @@ class Campaign:
         tokens (default: an eighth of the full protocol's, at least 8 windows). From then on ``run``
         also measures it (so full and cheap values pair up) and ``screen`` measures it alone.
         Returns the cheap protocol's key."""
+        self.screener = self.cheap_evaluator(metric, tokens)
+        return self.screener.tasks[metric].protocol.key()
+
+    def cheap_evaluator(self, metric: str, tokens: int | None = None) -> Any:
+        """The evaluator of a cheap fidelity of ``metric``: the same text and window on its first
+        ``tokens`` tokens (default: an eighth of the full protocol's, at least 8 windows)."""
         from archopt import evaluators as ev
         task = self.evaluator.tasks.get(metric)
         if task is None or not metric.startswith("ppl"):
-            raise CampaignError(f"screening needs a perplexity metric that this run measures, not {metric!r}")
+            raise CampaignError(f"a cheap fidelity needs a perplexity metric that this run measures, not {metric!r}")
         full_tokens = int(task.protocol.tokens or 0)
-        seq = self.settings.seq_len
+        seq = int(task.protocol.seq_len or self.settings.seq_len)
         if tokens is None:
             tokens = max(8 * seq, full_tokens // 8)
         if tokens >= full_tokens:
-            raise CampaignError(f"screening reads fewer tokens than the full protocol ({full_tokens:,}); "
+            raise CampaignError(f"a cheap fidelity reads fewer tokens than the full protocol ({full_tokens:,}); "
                                 f"got {tokens:,}")
-        self.screener = ev.Evaluator(
-            self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq, max_tokens=tokens,
-            ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens",
-            precision=run_precision(self.settings))
-        return self.screener.tasks[metric].protocol.key()
+        return ev.Evaluator(self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq,
+                            max_tokens=tokens, ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens",
+                            precision=run_precision(self.settings))
+
+    def cheap_values(self, archs: Sequence[Architecture], metric: str, evaluator: Any, origin: str,
+                     on_result: Callable[[int, int, ArchResult], Any] | None = None) -> list[float | None]:
+        """The value of ``metric`` under ``evaluator``'s (cheap) protocol for each architecture,
+        measured where the archive lacks it (stored with ``origin``) and read back from the archive."""
+        self._measure([(a, origin) for a in archs], evaluator, on_result)
+        key = evaluator.tasks[metric].protocol.key()
+        with self.archive.read() as session:
+            base_row = reads.get_base_model(session, self.name)
+            values = reads.values_under(session, base_row, [a.arch_id(self.name) for a in archs], metric, key)
+        return [values.get(a.arch_id(self.name)) for a in archs]
 
     def measuring(self, settings: EvalSettings) -> "Campaign":
         """The same loaded model and importance, measuring ``settings``' metrics under its protocol
@@ -215,12 +233,9 @@ class Campaign:
     def screen_values(self, archs: Sequence[Architecture], metric: str) -> list[float | None]:
         """``screen`` then the cheap value of each architecture (from the archive when it was
         measured before): ``measure_cheap`` for ``optimizer.loop.verify_loop``."""
-        self.screen(archs)
-        key = self.screener.tasks[metric].protocol.key()
-        with self.archive.read() as session:
-            base_row = reads.get_base_model(session, self.name)
-            values = reads.values_under(session, base_row, [a.arch_id(self.name) for a in archs], metric, key)
-        return [values.get(a.arch_id(self.name)) for a in archs]
+        if self.screener is None:
+            raise CampaignError("screening is not enabled for this run")
+        return self.cheap_values(archs, metric, self.screener, "screen")
 
     def calibrate_screening(self, metric: str, lo: int, hi: int, limit: int = 16) -> int:
         """Screen up to ``limit`` architectures in ``[lo, hi]`` parameters that have a full value of

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from archopt.archdb import reads
-from archopt.archdb.arch import Architecture, from_layer_dicts
+from archopt.archdb.arch import Architecture, from_layer_dicts, full
 from archopt.archdb.archive import Archive
 from archopt.archdb.errors import ArchoptError
 from archopt.archdb.metrics import metric_info
@@ -31,7 +31,7 @@ from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 OnResult = Callable[[int, int, Any], Any]
 
 __all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "metric_protocols", "origin_of",
-           "reachable", "standing"]
+           "reachable", "shortfall", "standing"]
 
 
 class VerifyError(ArchoptError, RuntimeError):
@@ -122,6 +122,25 @@ def standing(archive: Archive, doc: dict[str, Any]) -> dict[str, Any] | None:
             "ratio": best[2] / rule[2] if rule and rule[2] else None}
 
 
+def shortfall(doc: dict[str, Any], k: int) -> str | None:
+    """Why ``--verify k`` measures fewer than ``k`` architectures of a query answer (it has fewer
+    results; some are measured already), in one line; None when it measures ``k``."""
+    rows = doc["results"][:k]
+    done = [r for r in rows if all(r["measured"].get(o) is not None for o in doc["objectives"])]
+    reasons = []
+    if len(rows) < k:
+        reasons.append(f"the answer holds only {len(rows)} architecture{'s' if len(rows) != 1 else ''} (the Pareto "
+                       "front at this size; a wider --tolerance, or --rounds 2, which fills each round with the next "
+                       "best, gives more)")
+    if done:
+        reasons.append(f"{len(done)} of {'them' if len(rows) > 1 else 'it'} (#{', #'.join(str(r['rank']) for r in done)}) "
+                       "measured in the archive already under the predictors' protocols")
+    if not reasons:
+        return None
+    todo = len(rows) - len(done)
+    return f"--verify {k} measures {todo} architecture{'s' if todo != 1 else ''}: " + "; ".join(reasons)
+
+
 def reachable(location: str | None) -> bool:
     """A local model directory, or something that looks like a hub id (``org/name``)."""
     if not location:
@@ -190,6 +209,8 @@ class Verifier:
             raise VerifyError(f"cannot verify: the weights of {self.model} are not reachable "
                               f"({self.location or 'no location recorded'}); pass --weights PATH")
         self.screen_tokens: int | None = None
+        self.with_profile = True                      # strong_starts measures and solves the profile
+        self.on_profile: OnResult | None = None       # progress of the profile's measurements
 
     def settings(self, doc: dict[str, Any]) -> list[EvalSettings]:
         """The settings groups that measure a query document's objectives (and the extra metrics)."""
@@ -229,11 +250,45 @@ class Verifier:
         return self.measured(top, doc)
 
     def strong_starts(self, doc: dict[str, Any]) -> list[tuple[str, Architecture]]:
-        """The search-free starts at the query's target (``optimizer.starts.strong_starts``: rules
-        of thumb and global allocations of the loaded model's importance): ``verify_loop``'s ``starts``."""
+        """The search-free starts at the query's target: the rules of thumb and global allocations
+        of the loaded model's importance (``optimizer.starts``) and, for a perplexity objective,
+        the least-damage architecture of the sensitivity profile (``profile``) and the next-best
+        one: ``verify_loop``'s ``starts``."""
+        from .profile import solve
         from .starts import strong_starts
         importance = self.campaigns(doc)[0].importance
-        return strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
+        found = strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
+        profile = self.profile(doc) if self.with_profile else None
+        if profile is not None:
+            lo, hi = doc["window"]
+            picked: list[Architecture] = []
+            for _ in range(2):
+                arch = solve(profile, lo, hi, exclude=picked)
+                if arch is None:
+                    break
+                picked.append(arch)
+                found.append((f"profile-{len(picked)}", arch))
+        return found
+
+    def profile(self, doc: dict[str, Any]) -> Any:
+        """The base model's sensitivity profile on a cheap fidelity of the first objective
+        (``optimizer.profile``): single-layer variants measured where the archive lacks them (origin
+        ``profile``, reused by every later query), or None for an objective that is no perplexity."""
+        from .profile import Profile, profile_variants
+        objective = doc["objectives"][0]
+        if not objective.startswith("ppl"):
+            return None
+        campaign = next(c for c in self.campaigns(doc) if objective in c.settings.metrics)
+        try:
+            cheap = campaign.cheap_evaluator(objective, self.screen_tokens)
+        except CampaignError:
+            return None   # the protocol is already too short for a cheaper fidelity
+        variants = profile_variants(self.spec)
+        values = campaign.cheap_values([full(self.spec)] + [v.architecture for v in variants], objective, cheap,
+                                       "profile", self.on_profile)
+        if values[0] is None:
+            return None
+        return Profile.from_values(self.spec, variants, values[1:], values[0])
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
                       on_screening: Callable[[str, int, int], Any] | None = None) -> list[float | None]:

@@ -1,0 +1,187 @@
+"""A base model's sensitivity profile: what pruning each layer alone costs, and the architecture it
+suggests for any size.
+
+The profile is a set of single-layer variants of the base model, each measured once on a cheap
+fidelity of the objective (the same text on fewer tokens, its own protocol): one layer's attention
+at each smaller number of KV groups, its MLP at a few kept fractions, or the layer dropped. They
+are ordinary architectures in the archive (origin ``profile``), so a later query of the same base
+model, at any size, reuses them: a new target needs no new evaluation.
+
+A layer's *damage* is the rise of the metric on the predictor's scale (log for perplexities) over
+the unpruned base under the same cheap protocol. Damages are taken as additive across layers and
+between a layer's attention and MLP (NVIDIA Puzzle's and EvoPress' database assumption, which is
+only approximately true); MLP damage is interpolated linearly in the kept fraction between
+measured levels. ``solve`` assembles, by a mixed-integer program (``scipy.optimize.milp``), the
+architecture of least total damage in the size window ``[lo, target]``: a strong start for the
+verification rounds, measured for real before it is trusted.
+
+Torch-free: measuring is the caller's (``optimizer.verify.Verifier.profile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from archopt.archdb.arch import DROPPED, Architecture, BaseSpec, LayerSpec, round_channels
+
+from .encoding import layer_param_coefficients
+
+MLP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)   # kept MLP fractions measured per layer
+GRID = 16                                 # MLP widths the program chooses among (interpolated)
+
+__all__ = ["MLP_FRACTIONS", "Profile", "profile_variants", "solve"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One single-layer variant: ``kind`` ``attn`` (``level`` KV groups kept), ``mlp`` (``level``
+    channels kept) or ``drop``."""
+
+    kind: str
+    layer: int
+    level: int
+    architecture: Architecture
+
+
+def profile_variants(spec: BaseSpec, fractions: Sequence[float] = MLP_FRACTIONS,
+                     allow_drop: bool = True) -> list[Variant]:
+    """Every single-layer variant the profile measures (attention, MLP levels, drop per layer)."""
+    full = spec.full_layer()
+    out: list[Variant] = []
+    for layer in range(spec.num_layers):
+        for kv in range(1, spec.num_kv_heads):
+            out.append(Variant("attn", layer, kv, _with(spec, layer, LayerSpec(kv * spec.group_size, kv,
+                                                                              full.intermediate, False))))
+        for frac in fractions:
+            inter = round_channels(spec, frac * spec.intermediate_size)
+            if 0 < inter < spec.intermediate_size:
+                out.append(Variant("mlp", layer, inter, _with(spec, layer, LayerSpec(full.q_heads, full.kv_heads,
+                                                                                    inter, False))))
+        if allow_drop:
+            out.append(Variant("drop", layer, 0, _with(spec, layer, DROPPED)))
+    return out
+
+
+def _with(spec: BaseSpec, layer: int, spec_layer: LayerSpec) -> Architecture:
+    layers = [spec.full_layer()] * spec.num_layers
+    layers[layer] = spec_layer
+    return Architecture(spec, tuple(layers))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured damages of single-layer variants (on the predictor's scale, base subtracted)."""
+
+    spec: BaseSpec
+    attn: dict[tuple[int, int], float]      # (layer, kv groups kept) -> damage
+    mlp: dict[tuple[int, int], float]       # (layer, channels kept) -> damage
+    drop: dict[int, float]                  # layer -> damage of dropping it
+
+    @classmethod
+    def from_values(cls, spec: BaseSpec, variants: Sequence[Variant], values: Sequence[float | None],
+                    base_value: float, log_scale: bool = True) -> "Profile":
+        """Damages from measured values of ``variants`` (None: not measured) and the base's value."""
+        def damage(v: float) -> float:
+            return float(np.log(v) - np.log(base_value)) if log_scale else float(v - base_value)
+        attn, mlp, drop = {}, {}, {}
+        for var, value in zip(variants, values):
+            if value is None or not np.isfinite(value):
+                continue
+            if var.kind == "attn":
+                attn[(var.layer, var.level)] = damage(value)
+            elif var.kind == "mlp":
+                mlp[(var.layer, var.level)] = damage(value)
+            else:
+                drop[var.layer] = damage(value)
+        return cls(spec, attn, mlp, drop)
+
+    def mlp_damage(self, layer: int, inter: int) -> float | None:
+        """Damage of ``layer``'s MLP at ``inter`` channels, interpolated between measured widths (the
+        full width costs 0); None below the narrowest measured width."""
+        points = sorted([(w, d) for (l, w), d in self.mlp.items() if l == layer] + [(self.spec.intermediate_size, 0.0)])
+        if inter < points[0][0]:
+            return None
+        widths, damages = zip(*points)
+        return float(np.interp(inter, widths, damages))
+
+    def attn_damage(self, layer: int, kv: int) -> float | None:
+        return 0.0 if kv == self.spec.num_kv_heads else self.attn.get((layer, kv))
+
+
+def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | None = None,
+          exclude: Sequence[Architecture] = ()) -> Architecture | None:
+    """The architecture of least total damage with ``lo <= params <= target`` (None if none fits),
+    choosing per layer a number of KV groups, an MLP width on a grid of ``GRID`` steps (damage
+    interpolated), or dropping it; ``layers`` limits what may change; ``exclude`` architectures
+    are cut off (the next-best solutions)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    spec = profile.spec
+    per_kv, per_ch, const = layer_param_coefficients(spec)
+    free = set(range(spec.num_layers) if layers is None else layers)
+    full = spec.full_layer()
+    widths = sorted({round_channels(spec, k * full.intermediate / GRID) for k in range(1, GRID + 1)})
+    cols: list[tuple[int, str, int]] = []      # (layer, kind, level)
+    cost: list[float] = []
+    size: list[int] = []
+    for layer in range(spec.num_layers):
+        attn_levels = range(1, spec.num_kv_heads + 1) if layer in free else [spec.num_kv_heads]
+        for kv in attn_levels:
+            d = profile.attn_damage(layer, kv)
+            if d is not None:
+                cols.append((layer, "attn", kv)), cost.append(d), size.append(per_kv * kv)
+        for inter in (widths if layer in free else [full.intermediate]):
+            d = profile.mlp_damage(layer, inter)
+            if d is not None and inter > 0:
+                cols.append((layer, "mlp", inter)), cost.append(d), size.append(per_ch * inter)
+        if layer in free and layer in profile.drop:
+            cols.append((layer, "drop", 0)), cost.append(profile.drop[layer]), size.append(-const)
+    n = len(cols)
+    rows_attn = np.zeros((spec.num_layers, n))
+    rows_mlp = np.zeros((spec.num_layers, n))
+    for j, (layer, kind, _) in enumerate(cols):
+        if kind in ("attn", "drop"):
+            rows_attn[layer, j] = 1
+        if kind in ("mlp", "drop"):
+            rows_mlp[layer, j] = 1
+    fixed = spec.embedding_params() + const * spec.num_layers
+    constraints = [LinearConstraint(rows_attn, 1, 1), LinearConstraint(rows_mlp, 1, 1),
+                   LinearConstraint(np.array(size, dtype=float)[None, :], lo - fixed, target - fixed)]
+    for arch in exclude:
+        chosen = _columns_of(arch, cols)
+        if chosen:
+            row = np.zeros((1, n))
+            row[0, chosen] = 1
+            constraints.append(LinearConstraint(row, -np.inf, len(chosen) - 1))
+    result = milp(np.array(cost), constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+                  options={"time_limit": 30})
+    if result.x is None:
+        return None
+    picked = [cols[j] for j in np.flatnonzero(result.x > 0.5)]
+    layers_out = [full] * spec.num_layers
+    kv = {layer: level for layer, kind, level in picked if kind == "attn"}
+    inter = {layer: level for layer, kind, level in picked if kind == "mlp"}
+    for layer in range(spec.num_layers):
+        if any(l == layer and kind == "drop" for l, kind, _ in picked):
+            layers_out[layer] = DROPPED
+        else:
+            groups = kv.get(layer, spec.num_kv_heads)
+            layers_out[layer] = LayerSpec(groups * spec.group_size, groups, inter.get(layer, full.intermediate), False)
+    return Architecture(spec, tuple(layers_out))
+
+
+def _columns_of(arch: Architecture, cols: Sequence[tuple[int, str, int]]) -> list[int]:
+    """The program's columns that ``arch`` chooses (for a no-good cut)."""
+    out = []
+    for j, (layer, kind, level) in enumerate(cols):
+        spec_layer = arch.layers[layer]
+        if kind == "drop" and spec_layer.dropped:
+            out.append(j)
+        elif kind == "attn" and not spec_layer.dropped and spec_layer.kv_heads == level:
+            out.append(j)
+        elif kind == "mlp" and not spec_layer.dropped and spec_layer.intermediate == level:
+            out.append(j)
+    return out
