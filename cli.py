@@ -123,10 +123,8 @@ class EvalOptions:
 
     def settings(self, seed: int, *, metrics: Sequence[str] | None = None, device: str | None = None) -> Any:
         """``optimizer.campaign.EvalSettings`` (default device: cuda when available, else cpu)."""
-        from transformers.utils import logging as hf_logging
-
         from .optimizer.campaign import EvalSettings
-        hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+        quiet_libraries()
         device = device or self.device
         if device is None:
             import torch
@@ -136,6 +134,22 @@ class EvalOptions:
                             max_tokens=self.max_tokens, max_questions=self.max_questions, shots=self.shots,
                             ptb_split=self.ptb_split, importance=self.importance, device=device, dtype=self.dtype,
                             seed=seed)
+
+
+def quiet_libraries() -> None:
+    """Third-party progress bars off (transformers' "Loading weights", hub downloads, datasets'
+    splits): a command that loads models shows archopt's own progress bar only. For the commands
+    that import transformers anyway; datasets, when not imported yet, reads the setting then."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars as datasets_bars_off
+        datasets_bars_off()
+    else:
+        import os
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def metric_list(text: str) -> tuple[str, ...]:

@@ -1,22 +1,38 @@
 """The archive: base models, architectures, protocols, evaluations, predictors and queries.
 
 Public entry points: ``Archive`` (open a database, sessions, migrations), the domain types in
-``arch`` and ``protocol``, ``ingest_file`` and the read helpers in ``reads``.
+``arch`` and ``protocol``, ``ingest_file`` and the read helpers in ``reads``. They are imported on
+first use (PEP 562), so ``import archopt.archdb.errors`` or ``archopt --help`` loads no SQLAlchemy.
 """
 
-from .arch import (Architecture, ArchitectureError, BaseSpec, LayerSpec, config_hash, from_ratios,
-                   parse_architecture, uniform, uniform_at_size)
-from .archive import Archive, ArchiveError, resolve_url
-from .formats import FormatError
-from .ingest import ingest_file
-from .protocol import Measurement, Protocol, ProtocolError
-from .reads import NotFound
-from .sizes import SizeError, format_size, parse_size, parse_tolerance
-from .store import StoreError, WriteReport
+from __future__ import annotations
 
-__all__ = [
-    "Architecture", "ArchitectureError", "Archive", "ArchiveError", "BaseSpec", "FormatError", "LayerSpec",
-    "Measurement", "NotFound", "Protocol", "ProtocolError", "SizeError", "StoreError", "WriteReport",
-    "config_hash", "format_size", "from_ratios", "ingest_file", "parse_architecture", "parse_size",
-    "parse_tolerance", "resolve_url", "uniform", "uniform_at_size",
-]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Architecture": "arch", "ArchitectureError": "arch", "BaseSpec": "arch", "LayerSpec": "arch",
+    "config_hash": "arch", "from_ratios": "arch", "parse_architecture": "arch", "uniform": "arch",
+    "uniform_at_size": "arch",
+    "Archive": "archive", "ArchiveError": "archive", "resolve_url": "archive",
+    "FormatError": "formats",
+    "ingest_file": "ingest",
+    "Measurement": "protocol", "Protocol": "protocol", "ProtocolError": "protocol",
+    "NotFound": "reads",
+    "SizeError": "sizes", "format_size": "sizes", "parse_size": "sizes", "parse_tolerance": "sizes",
+    "StoreError": "store", "WriteReport": "store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

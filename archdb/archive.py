@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -32,8 +30,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import ArchoptError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 VERSION_TABLE = "archopt_alembic_version"
 DEFAULT_URL = "sqlite:///archopt.db"
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SQLITE_BUSY_TIMEOUT_S = 120
 
 
@@ -42,9 +44,16 @@ class ArchiveError(ArchoptError, RuntimeError):
 
 
 def resolve_url(url: str | None = None) -> str:
-    """``--db URL`` wins, then ``ARCHOPT_DB``, then ``sqlite:///archopt.db``. A bare path means SQLite."""
+    """``--db URL`` wins, then ``ARCHOPT_DB``, then ``sqlite:///archopt.db``. A bare path means
+    SQLite when it ends in ``.db``, ``.sqlite`` or ``.sqlite3``; any other bare word is refused
+    (``--db foo`` would silently create a SQLite file named ``foo``)."""
     url = url or os.environ.get("ARCHOPT_DB") or DEFAULT_URL
     if "://" not in url:
+        if not url.lower().endswith(SQLITE_SUFFIXES):
+            shown = url if len(url) <= 80 else url[:77] + "..."
+            raise ArchiveError(f"database {shown!r} is neither a URL nor a SQLite file name: write "
+                               f"sqlite:///PATH, a path ending in {', '.join(SQLITE_SUFFIXES)} (e.g. "
+                               "archopt.db), or postgresql://user@host/db")
         url = f"sqlite:///{url}"
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -53,6 +62,7 @@ def resolve_url(url: str | None = None) -> str:
 
 def alembic_config(url: str) -> Config:
     """An Alembic config that finds the migrations inside the installed package."""
+    from alembic.config import Config
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files("archopt.archdb") / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -61,9 +71,36 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision(url: str = DEFAULT_URL) -> str:
+    """The newest schema revision, as Alembic reads the migrations."""
+    from alembic.script import ScriptDirectory
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     assert head is not None
     return head
+
+
+_REVISION = re.compile(r"""^revision\s*=\s*['"]([^'"]+)['"]""", re.M)
+_DOWN = re.compile(r"""^down_revision\s*=\s*(None|['"]([^'"]+)['"])""", re.M)
+
+
+@functools.cache
+def declared_head() -> str | None:
+    """The newest revision read from the migration files' ``revision`` / ``down_revision`` lines
+    without importing Alembic (opening an archive at head needs no more); None when the files do not
+    form one plain chain (a merge, several heads), and Alembic has to say."""
+    folder = resources.files("archopt.archdb") / "migrations" / "versions"
+    revisions, parents = set(), set()
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".py") or entry.name.startswith("__"):
+            continue
+        source = entry.read_text(encoding="utf-8")
+        rev, down = _REVISION.search(source), _DOWN.search(source)
+        if rev is None or down is None:
+            return None
+        revisions.add(rev.group(1))
+        if down.group(2):
+            parents.add(down.group(2))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -154,15 +191,27 @@ class Archive:
 
     # --- schema ---------------------------------------------------------------------------------
     def current_revision(self) -> str | None:
+        """The archive's schema revision (None: no archopt schema yet), read with plain SQL."""
         try:
             with self.engine.connect() as conn:
-                return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+                if not inspect(conn).has_table(VERSION_TABLE):
+                    return None
+                found = list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
         except SQLAlchemyError as exc:
             raise ArchiveError(_describe(exc)) from exc
+        if len(found) > 1:
+            raise ArchiveError(f"the archive records several schema versions ({', '.join(sorted(found))}): "
+                               "run `archopt db upgrade`")
+        return found[0] if found else None
 
     def ensure_schema(self) -> None:
-        """Migrate a new archive to head; refuse one that is behind or ahead."""
+        """Migrate a new archive to head; refuse one that is behind or ahead. An archive at head is
+        recognised without importing Alembic."""
         current = self.current_revision()
+        if current is not None and current == declared_head():
+            return
+        from alembic import command
+        from alembic.script import ScriptDirectory
         head = head_revision(self.url)
         if current == head:
             return
@@ -187,10 +236,12 @@ class Archive:
         return bool(names - {VERSION_TABLE})
 
     def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
         with self._upgrade_lock():
             self._migrate(command.upgrade, revision)
 
     def downgrade(self, revision: str) -> None:
+        from alembic import command
         with self._upgrade_lock():
             self._migrate(command.downgrade, revision)
 

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import DateTime, bindparam, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from .errors import ArchoptError
@@ -60,7 +58,11 @@ class WriteReport:
 
 def _insert(session: Session, entity: Any) -> Any:
     """A Core INSERT for the session's dialect (with ON CONFLICT support)."""
-    return (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(entity.__table__)
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(entity.__table__)
 
 
 def _run(session: Session, stmt: Any, rows: Any = None) -> Any:

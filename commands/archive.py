@@ -59,7 +59,8 @@ def ingest(state: State, files: tuple[Path, ...], fmt: str | None, allow_limit: 
 
 @click.command()
 @click.option("--model", "-m", default=None, help="Only this base model.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+              help="JSON Lines (one architecture per line) or CSV (one value per row).")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="File (default: stdout).")
 @pass_state
@@ -115,8 +116,8 @@ def _metric_cells(view: dict[str, Any]) -> dict[str, Any]:
 @click.option("--model", "-m", required=True, help="Base model (name, path or hub id).")
 @click.option("--sort", default=None, help="Sort best-first by this metric (e.g. ppl_wikitext2).")
 @click.option("--protocol", type=int, default=None, help="Protocol id for --sort (default: most used).")
-@click.option("--limit", type=click.IntRange(min=1), default=None)
-@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N architectures.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip the first N (with --limit: pages).")
 @click.option("--json", "as_json", is_flag=True, help="Print the archopt.archs/1 JSON document.")
 @server_options
 @pass_state
@@ -149,7 +150,7 @@ def archs(state: State, model: str, sort: str | None, protocol: int | None, limi
 @click.command()
 @click.argument("arch_id")
 @click.option("--model", "-m", default=None, help="Base model, if the id prefix is ambiguous.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def show(state: State, arch_id: str, model: str | None, as_json: bool) -> None:
     """Show one architecture: per-layer heads and channels, and every measured value.

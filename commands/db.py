@@ -88,7 +88,7 @@ def db_downgrade(state: State, revision: str) -> None:
 
 
 @db.command("check")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def db_check(state: State, as_json: bool) -> None:
     """Check the archive: database integrity, foreign keys, hashes, parameter counts, artifacts.

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from archopt.cli import EvalOptions, State, UserError, eval_options, floats, pass_state
+from archopt.cli import (EvalOptions, State, UserError, eval_options, floats, metric_list, pass_state,
+                         quiet_libraries)
 
 from .output import progress_runner
 
@@ -37,7 +38,8 @@ def run_campaign(state: State, campaign: Any, archs: list[tuple[Any, str]], titl
 @click.option("--starts", "with_starts", is_flag=True,
               help="Also measure the search-free starts at --params: rules of thumb and a FLAP-style global allocation.")
 @click.option("--no-base", is_flag=True, help="Do not measure the unpruned base model.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampled architectures and of the calibration windows.")
 @eval_options
 @pass_state
 def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampler: str, uniform_ratios: str | None,
@@ -59,6 +61,9 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
     from archopt.optimizer.samplers import sample_architectures, uniform_baselines
     if with_starts and not params_text:
         raise UserError("--starts needs --params SIZE")
+    from archopt.evaluators.hub import check_model_source, check_text_sources
+    check_model_source(model_ref)  # before torch: a missing path or an unreachable hub is one line at once
+    check_text_sources(evaluation.data_dir, metric_list(evaluation.metrics))
     settings = evaluation.settings(seed)
     uniform_values = floats(uniform_ratios, "--uniform")
     ratio_values = floats(ratios, "--ratios")
@@ -110,12 +115,13 @@ def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
 @click.command()
 @click.option("--model", "-m", "model_ref", required=True, help="Base model: registered name, path or hub id.")
 @click.option("--arch", "arch_text", required=True, help="Architecture: archive id (prefix), JSON file or string.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write (created if missing).")
 @click.option("--importance", type=click.Choice(["taylor", "l2"]), default=None,
               help="Default: the criterion the archive recorded for this architecture, else taylor.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Local data (calibration text for taylor).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Where to load and prune: cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="dtype of the saved weights (default: the loaded dtype).")
 @click.option("--weights", default=None, help="Where the base weights are (default: the archive's location).")
@@ -135,33 +141,81 @@ def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importanc
       archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct --dtype bfloat16
     """
     from archopt.archdb import reads
-    from archopt.archdb.reads import arch_importance, get_base_model
+    from archopt.archdb.reads import arch_pruning, get_base_model
+    from archopt.evaluators.hub import check_model_source
     from archopt.optimizer.campaign import cache_dir
-    from archopt import evaluators as ev
+    from archopt.archdb.store import spec_of
     location = weights
-    registered = None
+    registered = registered_hash = spec = None
     with state.archive.read() as session:
         try:
             row = get_base_model(session, model_ref)
             registered, location = row.name, location or row.location
+            registered_hash, spec = row.config_hash, spec_of(row)
         except reads.NotFound:
             if not Path(model_ref).is_dir() and "/" not in model_ref:
                 raise
     location = location or model_ref
+    if weights:
+        check_model_source(location, f"--weights {location}")
+    elif registered:
+        check_model_source(location, f"the weights of {registered} ({location}, the archive's location; "
+                                     "--weights DIR overrides)")
+    else:
+        check_model_source(location)
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: no such directory")
+    known: tuple[str | None, str | None] = (None, None)
+    if registered:  # what the archive recorded for this architecture: criterion and calibration
+        arch = parse_arch(state, registered, spec, arch_text)
+        with state.archive.read() as session:
+            known = arch_pruning(session, get_base_model(session, registered), [arch.arch_id(registered)]).get(
+                arch.arch_id(registered), (None, None))
+    importance = importance or known[0] or "taylor"
+    label = known[1] if importance == known[0] else None  # the calibration this architecture was measured with
+    if importance == "taylor" and data_dir is None and registered_hash:
+        _check_calibration_source(registered, registered_hash, label)
+    quiet_libraries()
+    from archopt import evaluators as ev
     base = ev.load_base_model(location, device=device)
     name = registered or base.name
     arch = parse_arch(state, name, base.spec, arch_text)
-    if importance is None:
-        with state.archive.read() as session:
-            known = None
-            if registered:
-                known = arch_importance(session, get_base_model(session, registered), arch.arch_id(name))
-        importance = known or "taylor"
     imp = ev.compute_importance(base, importance, cache_dir=cache_dir() / "importance",
-                                data_dir=str(data_dir) if data_dir else None)
+                                data_dir=str(data_dir) if data_dir else None, calibration_label=label,
+                                **calibration_options(label))
+    if label and imp.calibration_label() != label:
+        raise UserError(f"architecture {arch.arch_id(name)[:12]} was measured with {importance} importance calibrated "
+                        f"on {label}, this prune calibrates on {imp.calibration_label()}: pass the --data-dir it "
+                        "was measured with")
     model = ev.prune_model(base, arch, imp)
     ev.save_pruned(model, base, arch, imp, out_dir, dtype=dtype, base_name=name)
     state.out.print(f"wrote {out_dir}: {arch.params:,} params ({100 * arch.fraction():.1f}% of {name}), "
                     f"architecture {arch.arch_id(name)[:12]}; load it with "
                     f"AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+
+
+def _check_calibration_source(model: str, config_hash: str, label: str | None) -> None:
+    """Before loading the model: a Taylor importance that is not in the cache needs calibration
+    text; without --data-dir, a hub that cannot give it is one line at once."""
+    from archopt.evaluators.cache import may_hold
+    from archopt.evaluators.hub import CALIBRATION_DATASET, SourceError, check_dataset
+    from archopt.optimizer.campaign import cache_dir
+    folder = cache_dir() / "importance"
+    if may_hold(folder, "taylor", config_hash, label):
+        return
+    try:
+        check_dataset(CALIBRATION_DATASET)
+    except SourceError as exc:
+        raise SourceError(f"taylor importance of {model} is not cached here ({folder}) and needs its calibration "
+                          f"text: {exc}") from None
+
+
+def calibration_options(label: str | None) -> dict[str, int]:
+    """``samples``, ``seq_len`` and ``seed`` of a calibration label (``ptb_text_only:train/10x64/seed0/
+    sha256:...``, as the archive records it); empty when there is none or it reads otherwise."""
+    import re
+    found = re.search(r"/(\d+)x(\d+)/seed(-?\d+)/", label or "")
+    if found is None:
+        return {}
+    return {"samples": int(found[1]), "seq_len": int(found[2]), "seed": int(found[3])}
 

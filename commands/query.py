@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -105,8 +105,6 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
                            objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
                            top=top, seed=seed, explain=explain, retrain=not no_retrain, allow_drop=allow_drop)
-    if v.verify and not v.to_queue and not server:
-        _check_texts(request.objectives, evaluation)
     if v.rounds > 1 or v.screen:
         _query_rounds(state, request, v, evaluation, as_json)
         return
@@ -124,9 +122,9 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     elif v.verify:
         from archopt.optimizer.verify import VerifyError
         try:
-            verifier = _verifier(state, doc["model"], v, evaluation, seed)
+            verifier = _verifier(state, doc["model"], v, evaluation, seed, doc["objectives"])
         except VerifyError as exc:
-            state.err.print(str(exc), markup=False)
+            state.err.print(str(exc), markup=False, soft_wrap=True)  # one line, however long
             doc["verified"] = []
         else:
             doc["verified"] = _verify(state, verifier, doc, v.verify, show=not as_json)
@@ -159,27 +157,27 @@ def standing_line(verification: dict[str, Any]) -> str:
     return line + f", {st['ratio']:.3g}x the best rule of thumb ({rule['value']:.4g}, {rule['origin']})"
 
 
-def _verifier(state: State, model: str, v: VerifyOptions, evaluation: EvalOptions, seed: int) -> Any:
-    """The ``optimizer.verify.Verifier`` of the command line's evaluation options."""
-    from archopt.evaluators.hub import SourceError, check_model_source
+def _verifier(state: State, model: str, v: VerifyOptions, evaluation: EvalOptions, seed: int,
+              objectives: Sequence[str] = ()) -> Any:
+    """The ``optimizer.verify.Verifier`` of the command line's evaluation options. Texts or weights
+    this machine cannot get (a missing --data-dir or path, a hub offline or unreachable) are a
+    ``VerifyError`` at once, before torch is loaded, never minutes of download retries."""
+    from archopt.cli import metric_list
+    from archopt.evaluators.hub import SourceError, check_model_source, check_text_sources
     from archopt.optimizer.verify import Verifier, VerifyError
+    try:
+        check_text_sources(evaluation.data_dir, [*objectives, *metric_list(evaluation.metrics)])
+    except SourceError as exc:
+        raise VerifyError(f"cannot verify: {exc}") from None
     defaults = evaluation.settings(seed)
     verifier = Verifier(state.archive, model, defaults, weights=v.weights, extra_metrics=defaults.metrics)
-    try:  # a hub id that this machine cannot get: said at once, not after minutes of retries
+    try:
         check_model_source(verifier.location, f"--weights {verifier.location}" if v.weights else
                            f"the weights of {verifier.model} ({verifier.location}; --weights PATH overrides)")
     except SourceError as exc:
         raise VerifyError(f"cannot verify: {exc}") from None
     verifier.screen_tokens = v.screen_tokens
     return verifier
-
-
-def _check_texts(objectives: tuple[str, ...], evaluation: EvalOptions) -> None:
-    """Before a query that verifies on this machine: the texts can be had (a missing --data-dir, a
-    hub offline or unreachable is one line at once, before any search or model load)."""
-    from archopt.cli import metric_list
-    from archopt.evaluators.hub import check_text_sources
-    check_text_sources(evaluation.data_dir, [*objectives, *metric_list(evaluation.metrics)])
 
 
 def _verify(state: State, verifier: Any, doc: dict[str, Any], k: int, *, show: bool) -> list[dict[str, Any]]:
@@ -229,7 +227,7 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     from archopt.optimizer.query import run_query
     from archopt.optimizer.verify import VerifyError
     try:
-        verifier = _verifier(state, request.model, v, evaluation, request.seed)
+        verifier = _verifier(state, request.model, v, evaluation, request.seed, request.objectives)
     except VerifyError as exc:
         raise UserError(str(exc)) from None
     verified: list[dict[str, Any]] = []

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from archopt.cli import EvalOptions, State, UserError, eval_options, floats, pass_state
+from archopt.cli import EvalOptions, State, UserError, eval_options, floats, pass_state, quiet_libraries
 
 from .measure import parse_arch
 from .output import emit, hide_password, print_json
@@ -39,7 +39,8 @@ def submit_jobs(state: State, model: str, archs: list[tuple[Any, str]], settings
 @click.option("--model", "-m", required=True, help="Registered base model (name, path or hub id).")
 @click.option("--arch", "arch_texts", multiple=True, help="Architecture to measure (id, JSON or compact).")
 @click.option("--samples", type=click.IntRange(min=0), default=0, help="Sampled architectures to measure.")
-@click.option("--sampler", type=click.Choice(["random", "paper"]), default="random", show_default=True)
+@click.option("--sampler", type=click.Choice(["random", "paper"]), default="random", show_default=True,
+              help="random: per-layer widths; paper: ratios from --ratios.")
 @click.option("--layers", default=None, help="Prunable layers, inclusive: 3-29.")
 @click.option("--ratios", default="0.1,0.2,0.3,0.4,0.5", show_default=True, help="Ratio set of --sampler paper.")
 @click.option("--params", "params_text", default=None, help="Random samples near this size: 5B, 550M, 80%.")
@@ -47,7 +48,7 @@ def submit_jobs(state: State, model: str, archs: list[tuple[Any, str]], settings
 @click.option("--from-query", "query_id", type=int, default=None, help="Every result of this stored query.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--weights", default=None, help="Where workers find the base weights (default: the archive's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled architectures.")
 @eval_options
 @pass_state
 def submit(state: State, model: str, arch_texts: tuple[str, ...], samples: int, sampler: str, layers: str | None,
@@ -94,7 +95,8 @@ def submit(state: State, model: str, arch_texts: tuple[str, ...], samples: int, 
 
 @click.command()
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available); one worker per GPU.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weights dtype (default: float32 on CPU, bfloat16 on CUDA).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Local data laid out like ../shared/data (default: Hugging Face datasets).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
@@ -128,11 +130,12 @@ def worker(state: State, device: str | None, dtype: str | None, data_dir: Path |
     url = queue_url(state)
     if heartbeat >= stall_timeout:
         raise UserError("--heartbeat must be shorter than --stall-timeout")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir}: no such directory")
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     from archopt.jobqueue import run_worker
@@ -147,8 +150,8 @@ def worker(state: State, device: str | None, dtype: str | None, data_dir: Path |
 @click.option("--status", "statuses", multiple=True,
               type=click.Choice(["todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"]),
               help="Only jobs in this status (repeatable).")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest jobs listed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def jobs(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
     """The evaluation queue: counts per status and per worker, newest jobs; retry or cancel jobs.

@@ -28,7 +28,8 @@ def _byte_size(text: str) -> int:
 @db_option("db_url", envvar=None,
            help="Archive database URL (default: archopt --db, $ARCHOPT_DB, else sqlite:///archopt.db).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (each opens the archive and keeps its own memory of answers).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -39,7 +40,7 @@ def _byte_size(text: str) -> int:
 @click.option("--search-processes", type=click.IntRange(min=0), default=1, show_default=True,
               help="Processes per worker that run cold searches (0: in a thread of the worker).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
-              show_default=True)
+              show_default=True, help="Server log level.")
 @click.option("--no-access-log", is_flag=True, help="Do not log every request.")
 @pass_state
 def serve(state: State, db_url: str | None, host: str, port: int, workers: int, token_file: Path | None,

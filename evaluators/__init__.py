@@ -7,19 +7,34 @@ Typical use::
     ev = Evaluator(base.tokenizer, ["ppl_wikitext2", "ppl_ptb"], data_dir="../shared/data")
     for arch in archs:
         measurements = ev.evaluate_architecture(base, arch, imp)
+
+The names below are imported on first use (PEP 562): ``evaluators.hub`` (where models and texts
+come from) answers without loading torch.
 """
 
 from __future__ import annotations
 
-from .evaluator import METRICS, Evaluator
-from .importance import Importance, compute_importance
-from .loading import BaseModel, load_base_model
-from .mmlu import MmluTask
-from .perplexity import PerplexityTask
-from .pruning import prune_model
-from .saving import load_pruned, read_pruned_info, save_pruned
+import importlib
+from typing import Any
 
-__all__ = [
-    "METRICS", "BaseModel", "Evaluator", "Importance", "MmluTask", "PerplexityTask", "compute_importance",
-    "load_base_model", "load_pruned", "prune_model", "read_pruned_info", "save_pruned",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "METRICS": "evaluator", "Evaluator": "evaluator",
+    "Importance": "importance", "compute_importance": "importance",
+    "BaseModel": "loading", "load_base_model": "loading",
+    "MmluTask": "mmlu", "PerplexityTask": "perplexity", "prune_model": "pruning",
+    "load_pruned": "saving", "read_pruned_info": "saving", "save_pruned": "saving",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -24,6 +24,7 @@ WIKITEXT2 = "wikitext-2-raw-v1"
 PTB = "ptb_text_only"
 MMLU = "mmlu"
 LETTERS = ("A", "B", "C", "D")
+CALIBRATION_NAME = f"{PTB}:train"   # the default calibration text of Taylor importance
 
 _LOCAL_SPLIT = {"test": "test", "validation": "valid", "valid": "valid", "train": "train"}
 _HF_SPLIT = {"test": "test", "validation": "validation", "valid": "validation", "train": "train"}
@@ -68,9 +69,20 @@ def _rows(split: str, data_dir: str | Path | None, local_name: str, what: str, r
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (expected {what.format(local)})")
         return read(path)
+    return list(_load_dataset(*hub_args, split=hf)[column])
+
+
+def _load_dataset(*args: str, split: str) -> Any:
+    """``datasets.load_dataset`` of a hub dataset, or one line (``hub.SourceError``) naming
+    ``--data-dir`` within seconds when the hub cannot be used (offline and not cached, unreachable)."""
+    from . import hub
+    hub.check_dataset(args[0])
     from datasets import load_dataset
 
-    return list(load_dataset(*hub_args, split=hf)[column])
+    try:
+        return load_dataset(*args, split=split)
+    except ConnectionError as exc:
+        raise hub.SourceError(f"dataset {args[0]}: {str(exc).splitlines()[0][:200]}: {hub.DATA_DIR_HINT}") from None
 
 
 def dataset_text(dataset: str, split: str, data_dir: str | Path | None = None) -> str:
@@ -137,11 +149,9 @@ def load_mmlu(data_dir: str | Path | None = None, subjects: Sequence[str] | None
             dev = _read_mmlu_csv(dev_file) if dev_file.is_file() else ()
             out[name] = MmluSubject(name, dev, _read_mmlu_csv(file))
     else:
-        from datasets import load_dataset
-
         grouped: dict[str, dict[str, list[MmluQuestion]]] = {}
         for split in ("dev", "test"):
-            for row in load_dataset("cais/mmlu", "all", split=split):
+            for row in _load_dataset("cais/mmlu", "all", split=split):
                 if wanted is not None and row["subject"] not in wanted:
                     continue
                 q = MmluQuestion(row["question"], tuple(row["choices"]), int(row["answer"]))  # type: ignore[arg-type]
@@ -160,4 +170,4 @@ def calibration_text(data_dir: str | Path | None = None) -> tuple[str, str]:
 
     (LLM-Pruner samples BookCorpus, which is not available offline; PTB train is never an evaluation split.)
     """
-    return JOINING.join(ptb_rows("train", data_dir)), f"{PTB}:train"
+    return JOINING.join(ptb_rows("train", data_dir)), CALIBRATION_NAME

@@ -28,6 +28,7 @@ import torch
 
 from archopt.archdb.arch import Architecture, BaseSpec
 
+from .cache import cached_entries, calibration_label
 from .loading import BaseModel, model_device
 from .tokenization import encode_text, text_sha256, tokenizer_hash
 
@@ -121,10 +122,7 @@ class Importance:
 
     def calibration_label(self) -> str | None:
         """One-line calibration description (``None`` for data-free criteria), as the archive stores it."""
-        c = self.calibration
-        if not c:
-            return None
-        return f"{c['name']}/{c['samples']}x{c['seq_len']}/seed{c['seed']}/sha256:{c['text_sha256'][:16]}"
+        return calibration_label(self.calibration)
 
     def info(self) -> dict[str, Any]:
         """JSON-ready summary for saved models and the archive."""
@@ -158,31 +156,74 @@ def _top_sorted(scores: np.ndarray, count: int) -> np.ndarray:
     return np.sort(order[:count])
 
 
-def importance_key(base: BaseModel, criterion: str, calibration: dict[str, Any] | None) -> str:
-    """sha256 of (config hash, weights fingerprint, criterion, calibration spec)."""
-    payload = {"v": KEY_VERSION, "config_hash": base.config_hash, "weights": base.weights_fingerprint(),
-               "criterion": criterion, "calibration": calibration}
+def importance_key(base: BaseModel, criterion: str, calibration: dict[str, Any] | None,
+                   fingerprint: str | None = None) -> str:
+    """sha256 of (config hash, weights fingerprint, criterion, calibration spec); ``fingerprint``:
+    ``base.weights_fingerprint()`` when already computed."""
+    payload = {"v": KEY_VERSION, "config_hash": base.config_hash,
+               "weights": fingerprint or base.weights_fingerprint(), "criterion": criterion, "calibration": calibration}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def find_cached(base: BaseModel, criterion: str, cache_dir: str | Path, *, samples: int = 10, seq_len: int = 64,
+                seed: int = 0, name: str | None = None, label: str | None = None) -> Importance | None:
+    """The cached importance of ``base`` by ``criterion``, found without its calibration text.
+
+    A cached file is ``base``'s when its key, recomputed from ``base`` (config, weights) and the
+    calibration recorded in the file, is the file's own key. ``label`` (the calibration label the
+    archive recorded for an architecture) picks the calibration; without it the calibration must
+    have ``samples`` windows of ``seq_len`` tokens drawn with ``seed`` from text ``name`` (default:
+    the default calibration text). None when no file, or more than one calibration text, fits.
+    """
+    from .data import CALIBRATION_NAME
+    fingerprint: str | None = None
+    found: list[Path] = []
+    for file, meta in cached_entries(cache_dir, criterion, base.config_hash):
+        calibration = meta.get("calibration")
+        if not isinstance(calibration, dict):
+            continue
+        if label is not None and calibration_label(calibration) != label:
+            continue
+        if label is None and ((calibration.get("samples"), calibration.get("seq_len"), calibration.get("seed"),
+                               calibration.get("name")) != (samples, seq_len, seed, name or CALIBRATION_NAME)):
+            continue
+        fingerprint = fingerprint or base.weights_fingerprint()
+        if importance_key(base, criterion, calibration, fingerprint) == meta["key"]:
+            found.append(file)
+    return Importance.load(found[0]) if len(found) == 1 else None
 
 
 def compute_importance(base: BaseModel, criterion: str = "taylor", calibration_text: str | None = None,
                        samples: int = 10, seq_len: int = 64, seed: int = 0,
                        cache_dir: str | Path | None = None, *, calibration_name: str | None = None,
-                       data_dir: str | Path | None = None, batch_size: int = 2) -> Importance:
+                       data_dir: str | Path | None = None, batch_size: int = 2,
+                       calibration_label: str | None = None) -> Importance:
     """Importance of ``base`` by ``criterion`` (``taylor`` or ``l2``), read from ``cache_dir/<key>.npz`` if there.
 
     ``taylor`` without ``calibration_text`` uses PTB train (``data.calibration_text``, from ``data_dir``
-    or ``datasets``). Only the first 2,000,000 characters of a calibration text are tokenized.
-    Without ``cache_dir`` nothing is cached.
+    or ``datasets``). Without ``data_dir`` either, a cached importance of this model with this
+    calibration (``find_cached``; ``calibration_label`` names the calibration) is used without
+    reading any text: the text is needed only when the cache lacks it. Only the first 2,000,000
+    characters of a calibration text are tokenized. Without ``cache_dir`` nothing is cached.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance criterion {criterion!r}: use {' or '.join(CRITERIA)}")
     calibration: dict[str, Any] | None = None
     if criterion == "taylor":
+        if calibration_text is None and data_dir is None and cache_dir is not None:
+            cached = find_cached(base, criterion, cache_dir, samples=samples, seq_len=seq_len, seed=seed,
+                                 name=calibration_name, label=calibration_label)
+            if cached is not None:
+                return cached
         if calibration_text is None:
             from .data import calibration_text as default_calibration
+            from .hub import SourceError
 
-            calibration_text, default_name = default_calibration(data_dir)
+            try:
+                calibration_text, default_name = default_calibration(data_dir)
+            except SourceError as exc:
+                raise SourceError(f"taylor importance of {base.name} is not cached here ({cache_dir or 'no cache'}) "
+                                  f"and needs its calibration text: {exc}") from None
             calibration_name = calibration_name or default_name
         calibration = {"name": calibration_name or "text", "text_sha256": text_sha256(calibration_text),
                        "samples": int(samples), "seq_len": int(seq_len), "seed": int(seed),

@@ -12,6 +12,8 @@ import torch
 
 from archopt.archdb.arch import BaseSpec, config_hash
 
+from . import hub
+
 DEFAULT_CUDA_DTYPE = torch.bfloat16
 
 
@@ -61,15 +63,16 @@ def resolve_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
 
 def read_config_json(path_or_hub_id: str, revision: str | None = None) -> dict[str, Any]:
     """The model's ``config.json`` as written (a local directory or a hub repository)."""
-    from transformers.utils import cached_file
-
     local = os.path.join(path_or_hub_id, "config.json")
     if os.path.isdir(path_or_hub_id):
         if not os.path.isfile(local):
             raise FileNotFoundError(f"{path_or_hub_id} has no config.json: not a Hugging Face model directory")
         file = local
     else:
-        file = cached_file(path_or_hub_id, "config.json", revision=revision)
+        from transformers.utils import cached_file
+
+        hub.check_model_source(path_or_hub_id, f"model {path_or_hub_id}")
+        file = cached_file(path_or_hub_id, "config.json", revision=revision, local_files_only=_cache_only(path_or_hub_id))
     with open(file, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -78,15 +81,21 @@ def load_base_model(path_or_hub_id: str, *, device: str = "cpu", dtype: torch.dt
                     revision: str | None = None, attn_implementation: str | None = None) -> BaseModel:
     """Load a Llama, Mistral or Qwen2 causal LM and its tokenizer, in eval mode on ``device``.
 
-    Other model types raise ``ArchitectureError`` (one line) before any weights are read.
+    Other model types raise ``ArchitectureError`` (one line) before any weights are read. A path
+    that does not exist, or a hub id this machine cannot get (offline, hub unreachable, nothing
+    cached), raises ``hub.SourceError`` at once; a cached hub model loads without the network when
+    the hub cannot be reached.
     """
+    location = str(path_or_hub_id)
+    hub.check_model_source(location, f"model {location}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    location = str(path_or_hub_id)
     config = read_config_json(location, revision)
     spec = BaseSpec.from_hf_config(config)
     torch_dtype = resolve_dtype(device, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
+    if _cache_only(location):
+        kwargs["local_files_only"] = True
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if str(device) != "cpu":
@@ -94,10 +103,16 @@ def load_base_model(path_or_hub_id: str, *, device: str = "cpu", dtype: torch.dt
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision,
+                                              **({"local_files_only": True} if _cache_only(location) else {}))
     return BaseModel(model=model, tokenizer=tokenizer, spec=spec, config=config,
                      config_hash=config_hash(config), location=location, revision=revision,
                      device=str(device), dtype=torch_dtype)
+
+
+def _cache_only(location: str) -> bool:
+    """A hub id to read from the hub cache alone (offline, or the hub cannot be reached)."""
+    return not os.path.isdir(location) and (hub.hub_offline() or not hub.hub_reachable())
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

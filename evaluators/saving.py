@@ -108,6 +108,7 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
         generation_config.save_pretrained(str(out))
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(str(out))
+        _record_tokenizer_class(out, base.tokenizer)
 
     name = base_name or base.name
     info = {
@@ -131,6 +132,23 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / INFO_FILE)
     return out
+
+
+# keys that transformers writes from how the base tokenizer was loaded, not from what it is
+_LOAD_TIME_KEYS = ("is_local", "local_files_only")
+
+
+def _record_tokenizer_class(out: Path, tokenizer: Any) -> None:
+    """``tokenizer_config.json`` names the tokenizer's own (stock) class, so no remote code is
+    needed for it, and keeps no load-time flags of the base (``local_files_only``)."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.setdefault("tokenizer_class", type(tokenizer).__name__)
+    for key in _LOAD_TIME_KEYS:
+        config.pop(key, None)
+    _write_json(path, config)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

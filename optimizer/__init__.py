@@ -1,23 +1,57 @@
 """archopt's optimizer: features, accuracy predictors, search space and multi-objective search.
 
 What this package exports (features, predictors, space, search, Pareto) is numpy / scikit-learn /
-Optuna only. Its other modules read and write the archive: ``plan`` and ``training`` (predictor
-versions), ``query``, ``loop`` (rounds of query and verification) and ``starts``; ``campaign`` and
-``verify`` measure architectures through ``archopt.evaluators`` (torch, imported when they run).
+Optuna only, imported on first use (PEP 562): ``optimizer.query`` answers a stored query without
+loading scikit-learn. Its other modules read and write the archive: ``plan`` and ``training``
+(predictor versions), ``query``, ``loop`` (rounds of query and verification) and ``starts``;
+``campaign`` and ``verify`` measure architectures through ``archopt.evaluators`` (torch, imported
+when they run).
 """
 
-from .encoding import LayerBatch, batch_params, encode, layer_param_coefficients
-from .features import FEATURE_SETS, Featurizer, ImportanceTable, depth_weights, featurize, layer_attribution
-from .pareto import crowding_distance, nondominated_ranks, pareto_mask
-from .predictors import ALGORITHMS, Predictor, metric_direction, metric_transform, train_predictor
-from .search import Candidate, SearchResult, search
-from .space import SearchSpace, build_space, dimension_importance, refine_space, size_window
+from __future__ import annotations
 
-__all__ = [
-    "LayerBatch", "batch_params", "encode", "layer_param_coefficients",
-    "FEATURE_SETS", "Featurizer", "ImportanceTable", "depth_weights", "featurize", "layer_attribution",
-    "crowding_distance", "nondominated_ranks", "pareto_mask",
-    "ALGORITHMS", "Predictor", "metric_direction", "metric_transform", "train_predictor",
-    "Candidate", "SearchResult", "search",
-    "SearchSpace", "build_space", "dimension_importance", "refine_space", "size_window",
-]
+import importlib
+import sys
+import types
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "LayerBatch": "encoding", "batch_params": "encoding", "encode": "encoding", "layer_param_coefficients": "encoding",
+    "FEATURE_SETS": "features", "Featurizer": "features", "ImportanceTable": "features",
+    "depth_weights": "features", "featurize": "features", "layer_attribution": "features",
+    "crowding_distance": "pareto", "nondominated_ranks": "pareto", "pareto_mask": "pareto",
+    "ALGORITHMS": "predictors", "Predictor": "predictors", "metric_direction": "predictors",
+    "metric_transform": "predictors", "train_predictor": "predictors",
+    "Candidate": "search", "SearchResult": "search", "search": "search",
+    "SearchSpace": "space", "build_space": "space", "dimension_importance": "space", "refine_space": "space",
+    "size_window": "space",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """This package's module type: ``search`` names both a submodule and the function it exports.
+    When the import system binds the loaded submodule on the package, the function is bound
+    instead, so ``from archopt.optimizer import search`` is always the function (as when this
+    package imported everything eagerly)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and _EXPORTS[name] == name and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

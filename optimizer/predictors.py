@@ -11,13 +11,19 @@ architectures with Kendall tau 0.85 from 25 measured ones where a GBDT reaches 0
 registry (``archdb.metrics``) gives it: perplexities on log scale, where the effect of pruning is
 closer to additive, KL divergences on log(value + 1e-4), accuracies as they are.
 
-Every prediction carries a standard deviation in the metric's own scale. For the tree ensembles it
-is the spread of the ensemble's members (the trees of a random / extra-trees forest; for boosting,
-the k models fitted during cross-validation, each on (k-1)/k of the rows, a CV+ / jackknife
-ensemble that costs no extra training): epistemic spread only. The Gaussian process gives its
-posterior predictive standard deviation, which includes the noise level its ``WhiteKernel`` learnt
-(the scatter of repeated measurements), so it does not shrink to zero at a measured architecture.
-The held-out error of the whole model is in ``Predictor.cv``.
+Every prediction carries an uncertainty in the metric's own scale, calibrated to one sigma: about
+68% of held-out measurements lie inside ``predicted ± uncertainty`` (``optimizer.calibration``).
+Its shape is the model's own: the Gaussian process's posterior predictive standard deviation
+(which includes the noise level its ``WhiteKernel`` learnt, so it does not shrink to zero at a
+measured architecture), a forest's spread over its trees, a constant (relative, for log-scale
+metrics) for boosting. Its width is a split-conformal scale learnt from the out-of-fold residuals
+of cross-validation and stored with the predictor (``uncertainty_scale``).
+
+Cross-validation is honest: every fold fits every candidate from scratch, the Gaussian process's
+kernel hyperparameters included, so the scores stored in ``Predictor.cv`` (and shown by
+``archopt predictors list`` and in every query answer) are out-of-fold scores of models that never
+saw the rows they predict. ``cv["coverage"]`` is the cross-conformal share of held-out rows inside
+the calibrated band.
 """
 
 from __future__ import annotations
@@ -29,32 +35,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import re
-import warnings
-
 import numpy as np
 import sklearn
-from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyRegressor
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.ensemble import (ExtraTreesRegressor, GradientBoostingRegressor,
                               HistGradientBoostingRegressor, RandomForestRegressor)
 from sklearn.model_selection import KFold
+from sklearn.pipeline import Pipeline
 
 from archopt.archdb.metrics import metric_info
+
+from .calibration import LEVEL, conformal_scale, cross_coverage, scores as _norm_scores
+# The GP pieces live in optimizer/gp.py; the old private names stay importable here, because
+# artifacts stored before the move pickled them under this module.
+from .gp import _lbfgs, _QuietGP, _select_columns, gp_columns, gp_importances, gp_mean, gp_pipeline  # noqa: F401
+from .gp import input_columns as _input_columns
 
 __all__ = ["ALGORITHMS", "Predictor", "train_predictor", "metric_direction", "metric_transform",
            "kendall_tau", "spearman"]
 
 ALGORITHMS = ("gbdt", "random_forest", "extra_trees", "hist_gbdt", "gp")
-_GP_COLUMNS = re.compile(r"^(attn|mlp)_l\d+$")
-_GP_FALLBACK = re.compile(r"^((attn|mlp)_p\d+|param_frac)$")
 _KL_EPS = 1e-4
-GP_REFIT_ROWS = 80
+_STD_FLOOR = 0.25   # share of the mean out-of-fold raw std added to every raw std
 GP_MAX_ROWS = 400   # above, the GP's O(n^3) fit costs more than it gains over trees: not a candidate
 
 
@@ -146,57 +148,6 @@ def _inverse(t: np.ndarray, kind: str) -> np.ndarray:
     return t
 
 
-def _select_columns(columns: Sequence[int]) -> ColumnTransformer:
-    """Keeps the columns ``columns`` (indices, in that order) of a feature matrix."""
-    return ColumnTransformer([("inputs", "passthrough", list(columns))], remainder="drop")
-
-
-def _input_columns(model: Pipeline) -> list[int]:
-    """The feature columns the GP pipeline reads (its ``columns`` step)."""
-    return list(model.named_steps["columns"].transformers[0][2])
-
-
-def gp_columns(feature_names: Sequence[str] | None, n_features: int) -> list[int]:
-    """The Gaussian process's inputs: per-layer kept fractions (``attn_l*``, ``mlp_l*``), or for
-    depth-normalised feature sets the depth profile and ``param_frac``; all columns otherwise."""
-    names = list(feature_names or [])
-    for pattern in (_GP_COLUMNS, _GP_FALLBACK):
-        cols = [i for i, n in enumerate(names) if pattern.match(n)]
-        if cols:
-            return cols
-    return list(range(n_features))
-
-
-class _QuietGP(GaussianProcessRegressor):
-    """A GP whose hyperparameter fit does not warn when a length scale sits at its bound (an
-    irrelevant layer: that is the answer, not a problem)."""
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "_QuietGP":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return super().fit(X, y)
-
-
-def _lbfgs(obj_func: Any, initial_theta: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
-    """The GP's hyperparameter fit, capped at 60 L-BFGS steps (enough to settle on archive data;
-    uncapped, 32 inputs x 200 rows took seconds)."""
-    from scipy.optimize import minimize
-    res = minimize(obj_func, initial_theta, method="L-BFGS-B", jac=True, bounds=bounds, options={"maxiter": 60})
-    return res.x, float(res.fun)
-
-
-def _gp(columns: Sequence[int], seed: int, kernel: Any = None) -> Pipeline:
-    """The GP pipeline; with ``kernel`` (a fitted ``kernel_``) its hyperparameters stay fixed."""
-    if kernel is None:
-        d = max(1, len(columns))
-        start = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.full(d, 3.0), (5e-2, 1e3))
-                 + WhiteKernel(1e-2, (1e-6, 1.0)))
-        gp = _QuietGP(start, normalize_y=True, optimizer=_lbfgs, random_state=seed)
-    else:
-        gp = _QuietGP(kernel, normalize_y=True, optimizer=None, random_state=seed)
-    return Pipeline([("columns", _select_columns(columns)), ("scale", StandardScaler()), ("gp", gp)])
-
-
 def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = None):
     """Modest hyperparameters: on this project's 2-core machines, 5-fold CV of all candidates
     plus the final fit on 200 rows x 90 features takes a few seconds. Tree count is what costs
@@ -204,7 +155,7 @@ def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = Non
     Gaussian process costs O(n^3) per hyperparameter step, cheap at archive sizes (hundreds)."""
     leaf = max(1, min(5, n // 40))
     if name == "gp":
-        return _gp(columns if columns is not None else [], seed)
+        return gp_pipeline(columns if columns is not None else [], seed)
     if name == "gbdt":
         return GradientBoostingRegressor(n_estimators=60, learning_rate=0.12, max_depth=3, subsample=0.8,
                                          max_features=0.5, min_samples_leaf=leaf, random_state=seed)
@@ -268,13 +219,16 @@ class Predictor:
     transform: str
     direction: str
     model: Any
-    members: list[Any] = field(default_factory=list)   # CV fold models (boosting only)
+    members: list[Any] = field(default_factory=list)   # boosting's CV fold models (artifacts before calibration)
     featurizer: Any = None                              # optional features.Featurizer
     seed: int = 0
     feature_min: list[float] = field(default_factory=list)   # training range per feature
     feature_max: list[float] = field(default_factory=list)
     sklearn_version: str = sklearn.__version__
     train_seconds: float = 0.0
+    uncertainty_scale: float = 1.0      # conformal scale of the raw std (1.0: an uncalibrated artifact)
+    std_floor: float = 0.0              # added to the raw std on the model scale (``_STD_FLOOR``)
+    coverage_level: float | None = None  # the share of measurements the calibrated band is meant to hold
     _importances: dict[str, float] | None = field(default=None, repr=False)
     _train_X: np.ndarray | None = field(default=None, repr=False)
 
@@ -294,7 +248,7 @@ class Predictor:
         """Mean prediction on the model scale (log for ppl/kl)."""
         X = self._check(X)
         if self.algorithm == "gp":
-            fast = _gp_mean(self.model, X)
+            fast = gp_mean(self.model, X)
             if fast is not None:
                 return fast
         with single_thread():
@@ -303,27 +257,13 @@ class Predictor:
     def predict_mean(self, X: np.ndarray) -> np.ndarray:
         return _inverse(self.predict_transformed(X), self.transform)
 
-    def _member_models(self) -> list[Any]:
-        if self.algorithm in ("random_forest", "extra_trees"):
-            return list(getattr(self.model, "estimators_", []))
-        return list(self.members)
-
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, std)`` in the metric's original scale, vectorised over rows of ``X``."""
+        """``(mean, std)`` in the metric's original scale, vectorised over rows of ``X``; ``std`` is
+        calibrated: about ``coverage_level`` of measurements lie within ``mean ± std``."""
         X = self._check(X)
         with single_thread():
-            if self.algorithm == "gp" and isinstance(self.model, Pipeline):
-                mu, sd = self.model.predict(X, return_std=True)
-                mean = _inverse(mu, self.transform)
-                # delta method: the std of exp(t) (log-scale metrics) is about exp(t) * std(t)
-                scale = np.abs(mean) if self.transform in ("log", "log_eps") else 1.0
-                return mean, np.asarray(sd, dtype=float) * scale
-            mean = _inverse(self.model.predict(X), self.transform)
-            models = self._member_models()
-            if len(models) < 2:
-                return mean, np.zeros(len(X))
-            members = _inverse(np.stack([m.predict(X) for m in models]), self.transform)
-        return mean, members.std(axis=0)
+            mean, std = raw_prediction(self.algorithm, self.model, X, self.transform, self.members, self.std_floor)
+        return mean, std * self.uncertainty_scale
 
     def predict_architectures(self, data, importance=None) -> tuple[np.ndarray, np.ndarray]:
         """Predict for a ``LayerBatch`` or architectures, through the stored featurizer."""
@@ -353,6 +293,38 @@ class Predictor:
                 "sklearn_version": self.sklearn_version, "train_seconds": round(self.train_seconds, 3)}
 
 
+def raw_prediction(algorithm: str, model: Any, X: np.ndarray, transform: str, members: Sequence[Any] = (),
+                   floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, raw std)`` of a fitted model in the metric's original scale, before calibration.
+    The raw std is ``floor`` plus, on the model scale, the GP's posterior std, a forest's spread
+    over its trees, boosting's fold models' spread (old artifacts) or 1 (boosting); 0 for a
+    constant model. It reaches the original scale by the delta method (the std of exp(t) is about
+    exp(t) * std(t))."""
+    t, sigma = _raw_model_scale(algorithm, model, X, members)
+    if isinstance(model, DummyRegressor):
+        return _inverse(t, transform), np.zeros(len(X))
+    return _inverse(t, transform), (sigma + floor) * _slope(t, transform)
+
+
+def _raw_model_scale(algorithm: str, model: Any, X: np.ndarray, members: Sequence[Any] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, raw std) on the model scale (see ``raw_prediction``)."""
+    if isinstance(model, DummyRegressor):
+        return model.predict(X), np.zeros(len(X))
+    if algorithm == "gp" and isinstance(model, Pipeline):
+        mu, sd = model.predict(X, return_std=True)
+        return mu, np.asarray(sd, dtype=float)
+    t = model.predict(X)
+    trees = list(getattr(model, "estimators_", [])) if algorithm in ("random_forest", "extra_trees") else list(members)
+    if len(trees) >= 2:
+        return t, np.stack([m.predict(X) for m in trees]).std(axis=0)
+    return t, np.ones(len(X))
+
+
+def _slope(t: np.ndarray, transform: str) -> np.ndarray | float:
+    """d value / d t of the inverse transform at ``t`` (the delta method's factor)."""
+    return np.exp(np.asarray(t, dtype=float)) if transform in ("log", "log_eps") else 1.0
+
+
 def _raw_importances(p: Predictor) -> np.ndarray:
     model = p.model
     if isinstance(model, DummyRegressor):
@@ -360,7 +332,7 @@ def _raw_importances(p: Predictor) -> np.ndarray:
     if getattr(model, "feature_importances_", None) is not None:
         return np.asarray(model.feature_importances_, dtype=float)
     if isinstance(model, Pipeline) and "gp" in model.named_steps:
-        return _gp_importances(model, p.n_features)
+        return gp_importances(model, p.n_features)
     # HistGradientBoosting: total split gain per feature (its tree nodes carry gains).
     gains = np.zeros(p.n_features)
     try:
@@ -377,49 +349,32 @@ def _raw_importances(p: Predictor) -> np.ndarray:
         return np.maximum(res.importances_mean, 0.0)
 
 
-def _gp_mean(model: Any, X: np.ndarray) -> np.ndarray | None:
-    """The GP pipeline's posterior mean through one matrix product (the search scores tens of
-    thousands of candidates; scikit-learn's kernel call goes through ``cdist``, 4-5x slower here).
-    None when the model is not the fitted ``_gp`` pipeline this expects (then use ``predict``)."""
-    try:
-        cols = _input_columns(model)
-        scaler = model.named_steps["scale"]
-        gp = model.named_steps["gp"]
-        kernel = gp.kernel_
-        const, rbf = kernel.k1.k1, kernel.k1.k2
-        if not (isinstance(const, ConstantKernel) and isinstance(rbf, RBF) and isinstance(kernel.k2, WhiteKernel)):
-            return None
-        ls = np.asarray(rbf.length_scale, dtype=float)
-        A = scaler.transform(np.asarray(X, dtype=float)[:, cols]) / ls
-        B = gp.X_train_ / ls
-        sq = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
-        K = const.constant_value * np.exp(-0.5 * np.maximum(sq, 0.0))
-        mean = K @ np.asarray(gp.alpha_).reshape(len(B), -1)[:, 0]
-        return mean * float(np.ravel(gp._y_train_std)[0]) + float(np.ravel(gp._y_train_mean)[0])
-    except (AttributeError, KeyError, IndexError, TypeError):
-        return None
-
-
-def _gp_importances(model: Pipeline, n_features: int) -> np.ndarray:
-    """ARD relevance of each input: 1 / length scale (standardised units: the number of length
-    scales the input's spread covers, i.e. how far it moves the prediction); an input that never
-    varied in training gets none."""
-    out = np.zeros(n_features)
-    columns = _input_columns(model)
-    kernel = model.named_steps["gp"].kernel_
-    rbf = next((k for k in (getattr(kernel, "k1", None), kernel) if k is not None and hasattr(k, "k2")
-                and isinstance(k.k2, RBF)), None)
-    if rbf is None:
-        return out
-    scales = np.broadcast_to(np.asarray(rbf.k2.length_scale, dtype=float), (len(columns),))
-    varied = model.named_steps["scale"].scale_ > 1e-12
-    rel = np.where(varied[:len(columns)] if len(varied) == len(columns) else True, 1.0 / scales, 0.0)
-    out[columns] = rel
-    return out
-
-
 def _fold_count(n: int, folds: int) -> int:
     return n if n < folds else folds
+
+
+def _cross_validate(name: str, X: np.ndarray, y: np.ndarray, y_t: np.ndarray, kind: str,
+                    splits: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
+                    columns: Sequence[int]) -> dict[str, Any]:
+    """Out-of-fold scores of one candidate: each fold fits it from scratch on its training rows
+    (hyperparameters included: the GP's kernel is fitted per fold), predicts the held-out rows,
+    and gives each one's raw std; ``norm_scores`` are |residual| / raw std (original scale), the
+    raw std plus ``_STD_FLOOR`` of its mean (a forest whose trees agree on a row would
+    otherwise claim certainty there)."""
+    n = len(y)
+    oof, sigma = np.empty(n), np.empty(n)
+    for tr, te in splits:
+        if np.ptp(y_t[tr]) == 0:
+            model_f = _constant(X[tr], y_t[tr])
+        else:
+            model_f = _estimator(name, len(tr), seed, columns).fit(X[tr], y_t[tr])
+        oof[te], sigma[te] = _raw_model_scale(name, model_f, X[te])
+    mean = _inverse(oof, kind)
+    scores = _scores(y, mean, y_t, oof)
+    scores["mse_transformed"] = float(np.mean((oof - y_t) ** 2))
+    floor = _STD_FLOOR * float(np.mean(sigma))
+    return {"scores": scores, "floor": floor,
+            "norm_scores": _norm_scores(y, mean, (sigma + floor) * _slope(oof, kind))}
 
 
 def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int = 0, folds: int = 5,
@@ -432,8 +387,11 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     ``r2_transformed``, ``kendall_tau``, ``spearman``) come from pooled out-of-fold predictions;
     the algorithm whose out-of-fold predictions rank best (Kendall tau: the search only needs the
     order, and squared error is dominated by a few ruined architectures far from any optimum) wins;
-    lower out-of-fold squared error on the model scale breaks ties (then the first listed). Deterministic for a seed. ``featurizer`` (a ``features.Featurizer``) is stored so
-    callers can predict from architectures; its names are used when ``feature_names`` is not given.
+    lower out-of-fold squared error on the model scale breaks ties (then the first listed). Every
+    fold refits every candidate, hyperparameters included. The winner's out-of-fold residuals
+    calibrate its uncertainty (``uncertainty_scale``; ``cv["coverage"]``, ``cv["calibration"]``).
+    Deterministic for a seed. ``featurizer`` (a ``features.Featurizer``) is stored so callers can
+    predict from architectures; its names are used when ``feature_names`` is not given.
     """
     start = time.perf_counter()
     X = np.asarray(X, dtype=float)
@@ -458,10 +416,6 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     for c in candidates:
         _estimator(c, n, seed)  # validates the name
     columns = gp_columns(feature_names, X.shape[1])
-    # Above GP_REFIT_ROWS rows the GP's hyperparameters are fitted once, on every row, and its CV
-    # folds reuse that kernel (a fit per fold would cost 5x as much; the leak is small with many
-    # rows). Below, every fold fits its own, so small archives get honest CV scores.
-    gp_full = None
     kind = metric_transform(metric)
     y_t = _forward(y, kind)
 
@@ -472,41 +426,27 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     # One thread: on tiny data OpenMP start-up (HistGradientBoosting) costs more than it saves.
     with single_thread():
         for name in candidates:
-            oof = np.empty(n)
-            fold_models = []
-            if name == "gp" and np.ptp(y_t) > 0:
-                gp_full = _estimator(name, n, seed, columns).fit(X, y_t)
-            for tr, te in splits:
-                if np.ptp(y_t[tr]) == 0:
-                    model_f = _constant(X[tr], y_t[tr])
-                elif name == "gp" and n > GP_REFIT_ROWS:
-                    model_f = _gp(columns, seed, gp_full.named_steps["gp"].kernel_).fit(X[tr], y_t[tr])
-                else:
-                    model_f = _estimator(name, len(tr), seed, columns).fit(X[tr], y_t[tr])
-                oof[te] = model_f.predict(X[te])
-                fold_models.append(model_f)
-            mse = float(np.mean((oof - y_t) ** 2))
-            scores = _scores(y, _inverse(oof, kind), y_t, oof)
-            scores["mse_transformed"] = mse
-            per_algo[name] = {"scores": scores, "fold_models": fold_models}
+            per_algo[name] = _cross_validate(name, X, y, y_t, kind, splits, seed, columns)
+            scores = per_algo[name]["scores"]
             tau = scores["kendall_tau"]
-            key = (-round(tau, 9) if tau is not None else math.inf, mse)
+            key = (-round(tau, 9) if tau is not None else math.inf, scores["mse_transformed"])
             if key < best_key:
                 best, best_key = name, key
-        if np.ptp(y_t) == 0:
-            model = _constant(X, y_t)
-        elif best == "gp" and gp_full is not None:
-            model = gp_full
-        else:
-            model = _estimator(best, n, seed, columns).fit(X, y_t)
-    members = per_algo[best]["fold_models"] if best in ("gbdt", "hist_gbdt") else []
+        model = _constant(X, y_t) if np.ptp(y_t) == 0 else _estimator(best, n, seed, columns).fit(X, y_t)
+    norm, floor = per_algo[best]["norm_scores"], per_algo[best]["floor"]
+    scale = conformal_scale(norm)
     cv = dict(per_algo[best]["scores"])
     cv.update({"folds": k, "scheme": "leave-one-out" if k == n else f"{k}-fold",
+               "coverage": _clean(cross_coverage(norm, [te for _, te in splits])),
+               "calibration": {"level": LEVEL, "scale": _clean(scale),
+                               "coverage_uncalibrated": _clean(float(np.mean(norm <= 1.0))),
+                               "method": "split-conformal scale of the raw std on out-of-fold residuals"},
                "candidates": {c: {key: per_algo[c]["scores"][key]
                                   for key in ("r2_transformed", "kendall_tau", "mae")} for c in candidates}})
     return Predictor(metric=metric, algorithm=best, hyperparams=_hyperparams(model), cv=cv, n_train=n,
                      feature_names=feature_names, transform=kind, direction=metric_direction(metric),
-                     model=model, members=members, featurizer=featurizer, seed=seed,
+                     model=model, featurizer=featurizer, seed=seed, uncertainty_scale=scale, std_floor=floor,
+                     coverage_level=LEVEL,
                      feature_min=X.min(0).tolist(), feature_max=X.max(0).tolist(),
                      train_seconds=time.perf_counter() - start, _train_X=X if best == "hist_gbdt" else None)
 

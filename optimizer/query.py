@@ -3,7 +3,9 @@
 Predictors are brought up to date (unless ``retrain=False``), the search runs over them, and the
 answer (the ``archopt.query/1`` document) is stored: an identical later query (same inputs and
 predictor versions) is served from the store. Measured values from the archive are shown beside
-the predictions, under the predictor's protocol.
+the predictions, under the predictor's protocol. Every answer carries what its predictors are
+worth and the warnings that follow (``optimizer.quality``), the base model's measured values, and
+where rows that share a sketch differ (``optimizer.readable``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sqlalchemy import select
 
@@ -24,7 +26,12 @@ from archopt.archdb.metrics import EVALUATED, UnknownMetric, metric_info
 from archopt.archdb.sizes import parse_size, parse_tolerance
 from archopt.archdb.store import spec_of
 
-from .training import PredictorError, Trained, ensure_predictors, usable_rows
+from .plan import PredictorError, plan_predictors
+from .quality import answer_quality
+from .readable import annotate_lookalikes
+
+if TYPE_CHECKING:  # training and search load scikit-learn: only a query that must search imports them
+    from .training import Trained
 
 SCHEMA = "archopt.query/1"
 
@@ -43,6 +50,7 @@ class QueryRequest:
     retrain: bool = True
     candidates: int = 20000
     fill: bool = False      # after the Pareto front, the next best candidates up to ``top`` (rounds)
+    allow_drop: bool = False  # the search may drop whole decoder layers
 
 
 def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
@@ -87,6 +95,8 @@ def query_key(request: QueryRequest, model: str, target: int, tolerance: float,
                "predictors": dict(sorted(predictor_rows.items()))}
     if request.fill:
         payload["fill"] = True
+    if request.allow_drop:
+        payload["allow_drop"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -105,10 +115,20 @@ def stored_answer(archive: Archive, request: QueryRequest, target: int, toleranc
         return {**stored.result, "served_from_store": True, "query_id": stored.id}
 
 
-def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
-    """Answer ``request``; returns the ``archopt.query/1`` document."""
-    from .search import search
+def usable_rows(archive: Archive, model: str, metrics: Sequence[str], *, retrain: bool = True) -> dict[str, int] | None:
+    """Metric -> row id of the predictor versions a query would use without training, decided from
+    the database alone (``plan.plan_predictors``: nothing unpickled, scikit-learn not imported);
+    None when any metric needs a new version."""
+    with archive.read() as session:
+        plan = plan_predictors(session, reads.get_base_model(session, model), metrics)
+    if any(c.check().needs_training(retrain) for c in plan.values()):
+        return None
+    return {metric: c.row_id for metric, c in plan.items()}
 
+
+def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
+    """Answer ``request``; returns the ``archopt.query/1`` document. A repeated query is answered
+    from the store without importing scikit-learn, SciPy or the search."""
     start = time.perf_counter()
     objectives = check_objectives(request.objectives)
     if request.top < 1:
@@ -122,6 +142,9 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
         hit = stored_answer(archive, replace(request, model=name), target, tolerance, rows)
         if hit is not None:
             return {**hit, "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
+    from .search import search
+    from .training import ensure_predictors
+
     trained = ensure_predictors(archive, name, objectives, retrain=request.retrain)
     key = _query_key(request, name, target, tolerance, trained)
     with archive.read() as session:
@@ -135,7 +158,8 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
         warm = _warm_start(session, base, target, tolerance)
     result = search(spec, {k: v.predictor for k, v in trained.items()}, target_params=target,
                     tolerance=tolerance, objectives=objectives, seed=request.seed, warm_start=warm,
-                    n_candidates=request.candidates, n_top=request.top, size_objective=True)
+                    n_candidates=request.candidates, n_top=request.top, size_objective=True,
+                    allow_drop=request.allow_drop)
     front_ids = {id(c) for c in result.front}
     candidates = result.front[:request.top]
     if request.fill and len(candidates) < request.top:
@@ -157,6 +181,9 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
                                   for k in objectives},
             "sketch": cand.architecture.sketch(), "origin": cand.origin, "on_front": id(cand) in front_ids,
             "layers": cand.architecture.layer_dicts()})
+    annotate_lookalikes(results)
+    with archive.read() as session:
+        quality = answer_quality(session, reads.get_base_model(session, name), target, result.window, trained, results)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "query_id": None, "model": name, "target_params": target,
         "tolerance": tolerance, "window": list(result.window), "objectives": list(objectives),
@@ -168,6 +195,7 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
         "predictors_borrowed_from": {k: list(v.borrowed_from) for k, v in trained.items() if v.borrowed_from},
         "results": results,
         "stats": {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str))},
+        **quality,   # predictor_quality, base_measured, warnings (optimizer/quality.py)
     }
     if request.explain:
         doc["explain"] = result.explain
@@ -179,7 +207,8 @@ def run_query(archive: Archive, request: QueryRequest) -> dict[str, Any]:
             row = m.StoredQuery(query_key=key, base_model_id=base.id, target_params=target,
                                 request={"model": name, "params": str(request.params), "tolerance": tolerance,
                                          "objectives": list(objectives), "top": request.top,
-                                         "seed": request.seed, "explain": request.explain},
+                                         "seed": request.seed, "explain": request.explain,
+                                         **({"allow_drop": True} if request.allow_drop else {})},
                                 result=doc, elapsed_ms=doc["elapsed_ms"], created_at=m.utcnow())
             session.add(row)
             session.flush()

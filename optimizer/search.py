@@ -228,7 +228,7 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
            refine: bool | None = None, optuna_trials: int = 24, optuna_batch: int = 12,
            batch_size: int = 2000, generation_size: int = 500, max_results: int = 50, n_top: int = 10,
            storage: Any = None, study_name: str | None = None, extrapolate: bool = False,
-           trust_margin: float = 0.05, size_objective: bool = False) -> SearchResult:
+           trust_margin: float = 0.05, size_objective: bool = False, allow_drop: bool = False) -> SearchResult:
     """Best architectures of ``spec`` within ``[target * (1 - tolerance), target]`` parameters.
 
     ``size_objective``: the returned front is non-dominated in (parameters, objectives), so a
@@ -244,7 +244,8 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
     Trust region: a space built here does not go narrower than the predictors' training data
     (``space.trust_bounds``; MLP ``trust_margin`` below the narrowest width seen, attention not below
     the fewest KV groups seen), because tree predictors extrapolate flat and the search would
-    exploit it. ``extrapolate=True`` searches the whole default space.
+    exploit it. ``extrapolate=True`` searches the whole default space. ``allow_drop``: a space
+    built here may drop whole layers (``query --allow-drop``).
     """
     t0 = time.perf_counter()
     objectives = tuple(objectives)
@@ -265,15 +266,16 @@ def search(spec: BaseSpec, predictors: Mapping[str, Any], *, target_params: int,
                 kw["mlp_min_frac"] = min(1.0, max(0.1, trust["mlp"] - trust_margin))
             if "attn" in trust:
                 kw["attn_min_groups"] = max(1, int(math.floor(trust["attn"] * spec.num_kv_heads + 1e-6)))
-        space = build_space(spec, layers, **kw)
+        space = build_space(spec, layers, allow_drop=allow_drop, **kw)
         refine = True if refine is None else refine
     elif space.spec != spec:
         raise SearchError("the search space belongs to another base model")
     refine = bool(refine)
-    p_min, p_max = space.bounds_params()
+    p_min, p_max = space.smallest_params(), space.bounds_params()[1]
     if p_min > hi:
-        raise SearchError(f"target {target:,} is below the smallest architecture of the search space "
-                         f"({p_min:,} parameters): prune more layers, lower the MLP minimum or allow layer drop")
+        raise SearchError(f"target {target:,} is below the smallest architecture the search can make "
+                          f"({p_min:,} parameters, {100 * p_min / spec.total_params:.1f}% of the base)"
+                          + ("" if space.allow_drop else ": allow layer drop (query --allow-drop) to go lower"))
     if p_max < lo:
         raise SearchError(f"the largest architecture of the search space ({p_max:,} parameters) is below "
                          f"the size window [{lo:,}, {hi:,}]")

@@ -124,6 +124,20 @@ class SearchSpace:
         p = batch_params(self.spec, kv, inter)
         return int(p[0]), int(p[1])
 
+    def smallest_params(self) -> int:
+        """Smallest parameter count the space reaches: ``bounds_params()[0]``, or with ``allow_drop``
+        every droppable layer dropped but one kept layer."""
+        low = self.bounds_params()[0]
+        if not self.allow_drop:
+            return low
+        kv, inter = self.full_arrays(1)
+        kv[0, self.idx], inter[0, self.idx] = np.maximum(self.kv_lo, 1), self.mlp_lo
+        droppable = self.idx[self.kv_lo == 0]
+        if len(droppable) == self.spec.num_layers:
+            droppable = droppable[1:]
+        kv[0, droppable] = inter[0, droppable] = 0
+        return int(batch_params(self.spec, kv, inter)[0])
+
     def mlp_grid(self, p: int) -> np.ndarray:
         """Grid of MLP widths of position ``p``: fractions on ``mlp_grid_step`` rounded to the multiple."""
         I = self.spec.intermediate_size
@@ -194,7 +208,7 @@ class SearchSpace:
         if n == 0:
             return LayerBatch(s, kv, inter), np.zeros(0, dtype=bool)
         idx = self.idx
-        per_kv, c, _ = layer_param_coefficients(s)
+        per_kv, c, const = layer_param_coefficients(s)
         params = batch_params(s, kv, inter)
         dropped = kv[:, idx] == 0
         mn = np.where(dropped, 0, self.mlp_lo[None, :])
@@ -207,6 +221,25 @@ class SearchSpace:
         too_big = np.flatnonzero(base + c * s_min > hi)
         if len(too_big):
             self._shift_attention(kv, base, too_big, lambda b, r: b + c * s_min[r] > hi, -1, per_kv)
+        # 1b. with allow_drop, where even the narrowest kept layers are too big: drop layers, least
+        #     important first, keeping at least one layer
+        if self.allow_drop and len(too_big):
+            rows = too_big[base[too_big] + c * s_min[too_big] > hi]
+            kept = (kv > 0).sum(1)
+            for p in np.argsort(self._imp("attn") + self._imp("mlp"), kind="stable"):
+                if not len(rows):
+                    break
+                if self.kv_lo[p] != 0:
+                    continue
+                l = idx[p]
+                drop = rows[(kv[rows, l] > 0) & (kept[rows] > 1)]
+                base[drop] -= per_kv * kv[drop, l] + const
+                s_min[drop] -= mn[drop, p]
+                s_max[drop] -= mx[drop, p]
+                mn[drop, p] = mx[drop, p] = cur[drop, p] = 0
+                kv[drop, l] = inter[drop, l] = 0
+                kept[drop] -= 1
+                rows = rows[base[rows] + c * s_min[rows] > hi]
         too_small = np.flatnonzero(base + c * s_max < lo)
         if len(too_small):
             self._shift_attention(kv, base, too_small, lambda b, r: b + c * s_max[r] < lo, +1, per_kv)

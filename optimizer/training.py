@@ -265,7 +265,7 @@ def row_summary(session: Session, row: m.PredictorVersion, model_name: str) -> d
     return {"id": row.id, "model": model_name, "metric": row.metric, "protocol": row.protocol_id,
             "version": row.version, "algorithm": row.algorithm, "n_train": row.n_train,
             "r2": cv.get("r2"), "mae": cv.get("mae"), "kendall_tau": cv.get("kendall_tau"),
-            "spearman": cv.get("spearman"), "stale": is_stale(session, row),
+            "spearman": cv.get("spearman"), "coverage": cv.get("coverage"), "stale": is_stale(session, row),
             "created_at": row.created_at.isoformat(timespec="seconds"), "artifact_sha256": row.artifact_sha256,
             "library_versions": row.library_versions, "hyperparams": row.hyperparams, "cv": cv}
 

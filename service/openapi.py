@@ -45,6 +45,7 @@ QUERY_REQUEST = {
         "top": {"type": "integer", "minimum": 1, "maximum": 200, "default": 10},
         "seed": {"type": "integer", "default": 0},
         "explain": {"type": "boolean", "default": False},
+        "allow_drop": {"type": "boolean", "default": False, "description": "the search may drop whole decoder layers"},
     },
 }
 
@@ -66,7 +67,23 @@ QUERY_DOC = {
             "rank": {"type": "integer"}, "arch_id": {"type": "string"}, "params": {"type": "integer"},
             "fraction": {"type": "number"}, "predicted": {"type": "object"}, "uncertainty": {"type": "object"},
             "measured": {"type": "object"}, "measured_protocol": {"type": "object"},
+            "sketch": {"type": "string"},
+            "same_sketch_as": {"type": ["integer", "null"],
+                               "description": "the rank of the first row with the same sketch"},
+            "sketch_note": {"type": ["string", "null"], "description": "where this row differs from that one"},
             "layers": {"type": "array", "items": {"$ref": "#/components/schemas/Layer"}}}}},
+        "predictor_quality": {"type": "object", "description": "per objective, the predictor's cross-validated "
+                              "quality: training rows, out-of-fold Kendall tau and R², and the share of "
+                              "held-out measurements inside predicted ± uncertainty (nominal 0.683)",
+                              "additionalProperties": {"type": "object", "properties": {
+                                  "rows": {"type": "integer"}, "kendall_tau": {"type": ["number", "null"]},
+                                  "r2": {"type": ["number", "null"]}, "coverage": {"type": ["number", "null"]},
+                                  "algorithm": {"type": "string"}}}},
+        "base_measured": {"type": "object", "additionalProperties": {"type": ["number", "null"]},
+                          "description": "the unpruned base model's measured value of each objective"},
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "description": "one line each: a weak or borrowed predictor, a target outside the measured "
+                                    "sizes, results predicted better than the base; each names the fixing command"},
         "elapsed_ms": {"type": "number"},
     },
 }

@@ -32,7 +32,7 @@ from archopt.archdb.errors import ArchoptError
 from .documents import RequestError
 from .trainer import Trainer
 
-QUERY_FIELDS = ("model", "params", "tolerance", "objectives", "top", "seed", "explain")
+QUERY_FIELDS = ("model", "params", "tolerance", "objectives", "top", "seed", "explain", "allow_drop")
 MAX_TOP = 200
 
 
@@ -87,9 +87,12 @@ def parse_query_body(body: Any) -> Any:
     explain = body.get("explain", False)
     if not isinstance(explain, bool):
         raise _field_error("explain", "true or false", explain)
+    allow_drop = body.get("allow_drop", False)
+    if not isinstance(allow_drop, bool):
+        raise _field_error("allow_drop", "true or false", allow_drop)
     return QueryRequest(model=model.strip(), params=params, tolerance=tolerance,
                         objectives=tuple(x.strip() for x in objectives), top=top, seed=seed, explain=explain,
-                        retrain=False)
+                        retrain=False, allow_drop=allow_drop)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class QueryPlan:
     def key(self) -> tuple[Any, ...]:
         r = self.request
         return (r.model, self.target, round(self.tolerance, 9), r.objectives, r.top, r.seed, r.explain,
-                r.candidates, tuple(p.row_id for p in self.predictors))
+                r.candidates, r.allow_drop, tuple(p.row_id for p in self.predictors))
 
     @property
     def missing(self) -> list[str]:

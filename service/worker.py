@@ -29,7 +29,11 @@ def _start(url: str) -> None:
 
 
 def _ready() -> bool:
-    from archopt.optimizer import query  # noqa: F401 - (import the search's modules before the first query)
+    """Import the search's modules (scikit-learn, Optuna) before the first query reaches this process:
+    ``optimizer.query`` itself imports them only when a query must search."""
+    import importlib
+    for name in ("query", "search", "training"):
+        importlib.import_module(f"archopt.optimizer.{name}")
     return True
 
 

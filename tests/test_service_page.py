@@ -7,6 +7,7 @@ the plotted points are the API's answer; the screenshot is saved under the test'
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -34,7 +35,10 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def browser(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (make setup installs them)")
+        why = "Debian's chromium and chromium-driver are not installed (make test installs them)"
+        if os.environ.get("CI") or os.environ.get("ARCHOPT_REQUIRE_BROWSER"):
+            pytest.fail(why)  # make test and CI run the page in a real browser, never skip it silently
+        pytest.skip(why)
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -151,3 +155,58 @@ def test_page_shows_the_api_answer(browser, tmp_path):
         browser.find_element(By.ID, "run").click()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
         assert "below the smallest architecture" in browser.find_element(By.ID, "status").text
+
+
+@pytest.mark.slow
+def test_page_shows_warnings_quality_base_line_and_distinct_ticks(browser, tmp_path):
+    """Issue 17: a 7-architecture archive's answer carries its warning on the page, with the
+    predictors' quality, the base model's measured value (a line on the plot, a row under the
+    table), tick labels that differ, the sketch legend, and where look-alike rows differ."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from archopt.archdb.arch import full
+
+    from helpers.archives import SPEC, record_ppl
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    archive = Archive(url)
+    fill(archive, 7)
+    record_ppl(archive, [full(SPEC)], [3.0], origin="base")
+    ensure_predictors(archive, "synth", ["ppl_wikitext2"])
+    archive.close()
+    with BackgroundServer(create_app(ServiceConfig(db=url, search_processes=0))) as server:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        if browser.find_element(By.ID, "use-mmlu").is_selected():
+            browser.find_element(By.ID, "use-mmlu").click()   # perplexity only
+        browser.find_element(By.ID, "run").click()      # the default size, 80%
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
+            browser.find_element(By.ID, "status").text
+        query_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-query-id")
+        with urllib.request.urlopen(f"{server.url}/v1/queries/{query_id}") as response:
+            api = json.loads(response.read())
+        assert api["warnings"]
+        shown = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#warnings li.warning")]
+        assert shown == api["warnings"] and browser.find_element(By.ID, "warnings").is_displayed()
+        summary = browser.find_element(By.ID, "summary").text
+        assert f"on {api['predictor_quality']['ppl_wikitext2']['rows']} rows, CV Kendall τ" in summary
+
+        base = browser.find_element(By.CSS_SELECTOR, "#plot-ppl g.base-ref")
+        assert float(base.get_attribute("data-value")) == api["base_measured"]["ppl_wikitext2"] == 3.0
+        assert "base model, measured: 3" in base.text
+        foot = browser.find_element(By.CSS_SELECTOR, "#results tfoot tr.base-ref td.meas")
+        assert float(foot.get_attribute("data-value")) == 3.0
+        for axis in ("tick-x", "tick-y"):
+            labels = [t.text for t in browser.find_elements(By.CSS_SELECTOR, f"#plot-ppl text.{axis}")]
+            assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+        assert "F all" in browser.find_element(By.ID, "sketch-legend").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+        assert [r.get_attribute("data-arch-id") for r in rows] == [r["arch_id"] for r in api["results"]]
+        for tr, r in zip(rows, api["results"]):
+            notes = tr.find_elements(By.CSS_SELECTOR, "td.sketch .note")
+            assert [n.text for n in notes] == ([r["sketch_note"]] if r.get("sketch_note") else [])
+        shot = tmp_path / "page-warnings.png"
+        assert browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")

@@ -23,12 +23,22 @@ function g4(x) {
 }
 const g2 = (x) => (x === null || x === undefined ? "-" : Number(x.toPrecision(2)).toString());
 const commas = (n) => n.toLocaleString("en-US");
-function size(n) {
+function size(n, digits) {
   for (const [s, v] of [["T", 1e12], ["B", 1e9], ["M", 1e6], ["K", 1e3]]) {
-    if (n >= v) return (n / v).toFixed(v >= 1e9 ? 2 : 1) + s;
+    if (n >= v) return (n / v).toFixed(digits === undefined ? (v >= 1e9 ? 2 : 1) : digits) + s;
   }
-  return String(n);
+  return String(Math.round(n));
 }
+// Tick labels that tell the ticks apart: the fewest digits (from `from`) giving distinct labels.
+function distinctLabels(values, label, from) {
+  const wanted = new Set(values).size;
+  for (let d = from; d < from + 8; d++) {
+    const out = values.map((v) => label(v, d));
+    if (new Set(out).size >= wanted) return out;
+  }
+  return values.map((v) => label(v, from + 8));
+}
+const sig = (v, d) => String(Number(v.toPrecision(Math.min(21, d))));
 
 // --- API ---------------------------------------------------------------------------------------------
 async function api(method, path, body) {
@@ -134,8 +144,10 @@ function render() {
   $("summary").textContent =
     `${doc.model} at ${size(doc.target_params)} (window ${size(doc.window[0])}–${size(doc.window[1])}): ` +
     `${doc.results.length} Pareto-optimal architectures; predictors ${versions}` +
+    (quality(doc) ? ` (${quality(doc)})` : "") +
     (stale.length ? ` (stale: ${stale.join(", ")}; retraining in the background)` : "") +
     `; query #${doc.query_id}${doc.served_from_store ? " served from the store" : ""} in ${Math.round(doc.elapsed_ms)} ms`;
+  warningsList(doc.warnings || []);
   const [ppl] = doc.objectives;
   $("caption-ppl").textContent = `Pareto front: parameters against predicted ${ppl}`;
   scatter($("plot-ppl"), doc.results, ppl);
@@ -144,6 +156,28 @@ function render() {
   if (hasMmlu) scatter($("plot-mmlu"), doc.results, "mmlu");
   table(doc);
   strip();
+}
+
+// "gp on 53 rows, CV Kendall τ 0.82, R² 0.75, ± band held 70% of held-out values (nominal 68%)"
+function quality(doc) {
+  return Object.entries(doc.predictor_quality || {}).map(([metric, q]) => {
+    const f2 = (x) => (x === null || x === undefined ? "-" : x.toFixed(2));
+    return `${metric}: ${q.algorithm} on ${q.rows} rows, CV Kendall τ ${f2(q.kendall_tau)}, R² ${f2(q.r2)}` +
+      (q.coverage === null || q.coverage === undefined ? "" :
+        `, ± band held ${Math.round(100 * q.coverage)}% of held-out values (nominal 68%)`);
+  }).join("; ");
+}
+
+function warningsList(warnings) {
+  const list = $("warnings");
+  list.innerHTML = "";
+  list.hidden = !warnings.length;
+  for (const w of warnings) {
+    const li = document.createElement("li");
+    li.className = "warning";
+    li.textContent = w;
+    list.appendChild(li);
+  }
 }
 
 function el(tag, attrs, parent) {
@@ -173,6 +207,9 @@ function scatter(svg, results, metric) {
     ys.push(v - u, v + u);
     if (r.measured[metric] !== null && r.measured[metric] !== undefined) ys.push(r.measured[metric]);
   }
+  const base = (state.doc.base_measured || {})[metric];
+  const hasBase = base !== null && base !== undefined;
+  if (hasBase) ys.push(base);
   const xs = results.map((r) => r.params);
   if (!results.length) {
     el("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, svg).textContent = "no results";
@@ -187,14 +224,22 @@ function scatter(svg, results, metric) {
   const axes = el("g", { class: "axes" }, svg);
   el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B }, axes);
   el("line", { x1: L, y1: T, x2: L, y2: H - B }, axes);
-  for (const t of niceTicks(x0, x1, 5)) {
+  const xt = niceTicks(x0, x1, 5), xl = distinctLabels(xt, (v, d) => size(Math.round(v), d), 1);
+  xt.forEach((t, i) => {
     el("line", { x1: sx(t), y1: H - B, x2: sx(t), y2: H - B + 4 }, axes);
-    el("text", { x: sx(t), y: H - B + 16, "text-anchor": "middle" }, axes).textContent = size(Math.round(t));
-  }
-  for (const t of niceTicks(y0, y1, 5)) {
+    el("text", { x: sx(t), y: H - B + 16, "text-anchor": "middle", class: "tick-x" }, axes).textContent = xl[i];
+  });
+  const yt = niceTicks(y0, y1, 5), yl = distinctLabels(yt, sig, 4);
+  yt.forEach((t, i) => {
     el("line", { x1: L - 4, y1: sy(t), x2: L, y2: sy(t) }, axes);
     el("line", { x1: L, y1: sy(t), x2: W - R, y2: sy(t), class: "grid" }, axes);
-    el("text", { x: L - 7, y: sy(t) + 4, "text-anchor": "end" }, axes).textContent = g4(Number(t.toPrecision(6)));
+    el("text", { x: L - 7, y: sy(t) + 4, "text-anchor": "end", class: "tick-y" }, axes).textContent = yl[i];
+  });
+  if (hasBase) {
+    const ref = el("g", { class: "base-ref", "data-value": base }, svg);
+    el("line", { x1: L, y1: sy(base), x2: W - R, y2: sy(base) }, ref);
+    el("text", { x: W - R - 4, y: sy(base) - 4, "text-anchor": "end" }, ref).textContent =
+      `base model, measured: ${g4(base)}`;
   }
   el("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", class: "label" }, axes).textContent = "parameters";
   el("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", class: "label",
@@ -225,7 +270,7 @@ function table(doc) {
   const head = $("results-head");
   head.innerHTML = "";
   const cols = ["#", "arch", "params", "% base", ...doc.objectives.map((o) => `${o} pred`),
-                ...doc.objectives.map((o) => `${o} meas`), "per-layer kept (A attn, M mlp)"];
+                ...doc.objectives.map((o) => `${o} meas`), "per-layer kept (sketch)"];
   for (const c of cols) {
     const th = document.createElement("th");
     th.textContent = c;
@@ -261,9 +306,35 @@ function table(doc) {
       const td = cell(g4(m), "num meas", m === undefined ? null : m);
       td.dataset.metric = o;
     }
-    cell(r.sketch || "", "sketch");
+    const sk = cell(r.sketch || "", "sketch");
+    if (r.sketch_note) {
+      const note = document.createElement("div");
+      note.className = "note";
+      note.textContent = r.sketch_note;
+      sk.appendChild(note);
+    }
     tr.addEventListener("click", () => select(r.arch_id));
     body.appendChild(tr);
+  }
+  const foot = document.querySelector("#results tfoot");
+  foot.innerHTML = "";
+  const base = doc.base_measured || {};
+  if (doc.objectives.some((o) => base[o] !== null && base[o] !== undefined)) {
+    const tr = document.createElement("tr");
+    tr.className = "base-ref";
+    const texts = ["base", "(unpruned)", commas(state.model ? state.model.params : 0), "100.0%",
+                   ...doc.objectives.map(() => ""), ...doc.objectives.map((o) => g4(base[o])), "the base model, measured"];
+    texts.forEach((text, i) => {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (i >= 4 + doc.objectives.length && i < 4 + 2 * doc.objectives.length) {
+        td.className = "num meas";
+        td.dataset.metric = doc.objectives[i - 4 - doc.objectives.length];
+        td.dataset.value = base[td.dataset.metric];
+      }
+      tr.appendChild(td);
+    });
+    foot.appendChild(tr);
   }
 }
 
