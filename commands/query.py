@@ -55,7 +55,8 @@ VERIFY_OPTIONS = (
     click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
     click.option("--starts/--no-starts", default=True, show_default=True,
                  help="With --rounds: first measure the search-free starts at the target (rules of thumb such "
-                      "as MLP-only on LLM-Pruner's layer range, and global allocations of the importance)."),
+                      "as MLP-only on LLM-Pruner's layer range, global allocations of the importance, and the "
+                      "least-damage architectures of the sensitivity profile, measured once per base model)."),
 )
 verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 
