@@ -14,8 +14,7 @@ come from) answers without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from archopt.lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {
@@ -29,12 +28,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
