@@ -44,19 +44,20 @@ def _timed(run: MethodRun, t0: float) -> MethodRun:
 def method_rules(bench: Bench, target: int, lo: int) -> list[MethodRun]:
     """Each rule of thumb solved to the size, one full evaluation each (``None``: cannot reach it)."""
     from archopt.optimizer.starts import RULES, rule_of_thumb
-    runs = []
-    for rule in RULES:
-        t0 = time.perf_counter()
-        run = bench.run(RULE_NAMES[rule], target, lo, 1)
-        arch = rule_of_thumb(bench.spec, rule, target)
-        if arch is None:
-            run.notes["error"] = "cannot reach the size"
-        else:
-            run.final = arch
-            run.notes["in_window"] = bool(lo <= arch.params <= target)
-            bench.measure(run, [arch])
-        runs.append(_timed(run, t0))
-    return runs
+    return [_one_shot(bench, RULE_NAMES[rule], target, lo, rule_of_thumb(bench.spec, rule, target)) for rule in RULES]
+
+
+def _one_shot(bench: Bench, name: str, target: int, lo: int, arch: Any) -> MethodRun:
+    """A search-free method: its one architecture (``None``: cannot reach the size), measured once."""
+    t0 = time.perf_counter()
+    run = bench.run(name, target, lo, 1)
+    if arch is None:
+        run.notes["error"] = "cannot reach the size"
+    else:
+        run.final = arch
+        run.notes["in_window"] = bool(lo <= arch.params <= target)
+        bench.measure(run, [arch])
+    return _timed(run, t0)
 
 
 def flap_starts(bench: Bench, target: int) -> dict[str, Any]:
@@ -70,18 +71,7 @@ def flap_starts(bench: Bench, target: int) -> dict[str, Any]:
 
 
 def method_flap(bench: Bench, target: int, lo: int) -> list[MethodRun]:
-    runs = []
-    for name, arch in flap_starts(bench, target).items():
-        t0 = time.perf_counter()
-        run = bench.run(name, target, lo, 1)
-        if arch is None:
-            run.notes["error"] = "cannot reach the size"
-        else:
-            run.final = arch
-            run.notes["in_window"] = bool(lo <= arch.params <= target)
-            bench.measure(run, [arch])
-        runs.append(_timed(run, t0))
-    return runs
+    return [_one_shot(bench, name, target, lo, arch) for name, arch in flap_starts(bench, target).items()]
 
 
 # --- per-layer levels (EvoPress's database, Puzzle's block library) ------------------------------------

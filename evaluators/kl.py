@@ -44,7 +44,7 @@ from archopt.archdb.protocol import Measurement, Protocol
 
 from . import data
 from .loading import BaseModel, model_device
-from .perplexity import LOGITS_BUDGET, MAX_BATCH_TOKENS, autocast_for, device_label
+from .perplexity import LOGITS_BUDGET, MAX_BATCH_TOKENS, autocast_for, cut_windows, device_label
 from .tokenization import encode_text, text_sha256, tokenizer_hash, tokenizer_name
 
 METRIC = "kl_base"
@@ -88,18 +88,12 @@ class KLTask:
     def __init__(self, tokens: torch.Tensor, *, seq_len: int = 128, max_tokens: int | None = None,
                  top_k: int | None = None, dataset: str = "text", split: str = "", tokenizer_name: str = "",
                  tokenizer_hash: str = "", text_hash: str = "", batch_size: int | None = None) -> None:
-        if seq_len < 2:
-            raise ValueError("seq_len must be at least 2")
         if top_k is not None and top_k < 1:
             raise ValueError("top_k must be at least 1")
-        usable = tokens.numel() if max_tokens is None else min(tokens.numel(), int(max_tokens))
-        n_windows = usable // seq_len
-        if n_windows < 1:
-            raise ValueError(f"{dataset} {split} gives {usable} tokens: not one window of {seq_len}")
         self.seq_len = seq_len
         self.top_k = top_k
         self.batch_size = batch_size
-        self.windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+        self.windows = cut_windows(tokens, seq_len, max_tokens, f"{dataset} {split}")
         self.dataset, self.split = dataset, split
         self.tokenizer_name, self.tokenizer_hash = tokenizer_name, tokenizer_hash
         self.text_hash = text_hash or hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()

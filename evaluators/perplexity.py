@@ -82,22 +82,28 @@ def protocol_for(protocol: Protocol, model: torch.nn.Module) -> Protocol:
     return protocol if precision == protocol.precision else dataclasses.replace(protocol, precision=precision)
 
 
+def cut_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None, what: str) -> torch.Tensor:
+    """The first ``max_tokens`` tokens (all by default) as non-overlapping windows ``[n, seq_len]``."""
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2")
+    usable = tokens.numel() if max_tokens is None else min(tokens.numel(), int(max_tokens))
+    n_windows = usable // seq_len
+    if n_windows < 1:
+        raise ValueError(f"{what} gives {usable} tokens: not one window of {seq_len}")
+    return tokens[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+
+
 class PerplexityTask:
     """A tokenized evaluation text, prepared once; ``evaluate(model)`` for as many models as needed."""
 
     def __init__(self, tokens: torch.Tensor, *, metric: str, dataset: str, split: str, tokenizer_name: str,
                  tokenizer_hash: str, seq_len: int = 128, max_tokens: int | None = None,
                  batch_size: int | None = None, precision: str = DEFAULT_PRECISION) -> None:
-        if seq_len < 2:
-            raise ValueError("seq_len must be at least 2")
-        usable = tokens.numel() if max_tokens is None else min(tokens.numel(), int(max_tokens))
-        n_windows = usable // seq_len
-        if n_windows < 1:
-            raise ValueError(f"{dataset} {split} gives {usable} tokens: not one window of {seq_len}")
         self.metric = metric
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+        self.windows = cut_windows(tokens, seq_len, max_tokens, f"{dataset} {split}")
+        n_windows = len(self.windows)
         # next-token targets per position; the last position of a window predicts nothing
         self.targets = torch.full_like(self.windows, -100)
         self.targets[:, :-1] = self.windows[:, 1:]
