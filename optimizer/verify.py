@@ -160,7 +160,7 @@ class CampaignCache:
 
     def has(self, location: str, settings: EvalSettings, name: str) -> bool:
         """True when ``get`` would load nothing (this model is loaded already)."""
-        return any(loc == location and n == name for loc, n, _ in self._campaigns)
+        return any(loc == location and n == name and _same_model(s, settings) for loc, n, s in self._campaigns)
 
     def get(self, location: str, settings: EvalSettings, name: str) -> Campaign:
         key = (location, name, settings)
