@@ -3,8 +3,8 @@
 - ``method_rules``: the rules of thumb of ``optimizer.starts`` solved to the size (one full
   evaluation each): uniform on every layer, LLM-Pruner's layer range, MLP only, MLP only on that range.
 - ``method_flap``: FLAP-style global allocation (``optimizer.starts.global_allocation``) on the
-  campaign's Taylor importance, attention and MLP of every layer (``flap``) and MLP only on the
-  LLM-Pruner range (``flap-mlp-range``); no search, one full evaluation each.
+  campaign's Taylor importance, attention and MLP of every layer, with FLAP's standardised scores
+  (``flap``) and with the raw scores (``global-raw``); no search, one full evaluation each.
 - ``method_evopress``: EvoPress-style (1 + lambda) evolution over per-layer levels with
   size-keeping mutations and KL fitness under multi-stage selection (see ``Levels`` and
   ``method_evopress``); its pick is measured on the full protocol.
@@ -61,13 +61,15 @@ def _one_shot(bench: Bench, name: str, target: int, lo: int, arch: Any) -> Metho
 
 
 def flap_starts(bench: Bench, target: int) -> dict[str, Any]:
-    """FLAP-style allocations at ``target`` (name -> architecture or None)."""
-    from archopt.optimizer.starts import global_allocation, prunable_range
+    """Global allocations at ``target`` (name -> architecture or None), the two that
+    ``optimizer.starts.strong_starts`` gives the product's loop: ``flap`` (FLAP's scores standardised
+    per layer and kind) and ``global-raw`` (the raw Taylor scores ranked as they are), attention and
+    MLP over every layer."""
+    from archopt.optimizer.starts import global_allocation
     imp = bench.campaign.importance
     spec = bench.spec
     return {"flap": global_allocation(spec, imp.kv_group, imp.channel, target),
-            "flap-mlp-range": global_allocation(spec, imp.kv_group, imp.channel, target, prunable_range(spec),
-                                                attention=False)}
+            "global-raw": global_allocation(spec, imp.kv_group, imp.channel, target, normalize="none")}
 
 
 def method_flap(bench: Bench, target: int, lo: int) -> list[MethodRun]:

@@ -43,7 +43,7 @@ DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
 EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit")
-NO_SEARCH = ("rule-", "flap")     # name prefixes of the search-free methods (the "never worse than" goal)
+NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
 
 
@@ -99,6 +99,7 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             from archopt.optimizer.starts import strong_starts
             imp = campaign.importance
             kwargs["starts"] = strong_starts(bench.spec, target, imp.kv_group, imp.channel)
+            kwargs["starts"] += profile_starts(bench, run, target, lo)
             run.notes["starts"] = len(kwargs["starts"])
         left = sb.evals_in_budget(bench, run)
         report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure,
@@ -117,6 +118,27 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
     run.notes.update(rounds=len(rounds), explore=explore, initial=initial, verify=k, screen=screen,
                      predictor_scored=sum(scored))
     return sb._timed(run, t0)
+
+
+def profile_starts(bench: Bench, run: MethodRun, target: int, lo: int) -> list[tuple[str, Any]]:
+    """The product's sensitivity-profile starts (``optimizer.profile``, what ``Verifier.strong_starts``
+    adds): every single-layer variant measured on the bench's cheap fidelity (charged to ``run``),
+    then the two least-damage architectures in the window by the integer program."""
+    from archopt.archdb.arch import full
+    from archopt.optimizer.profile import Profile, profile_variants, solve
+    variants = profile_variants(bench.spec)
+    values = bench.measure_cheap(run, [full(bench.spec)] + [v.architecture for v in variants], strict=False)
+    if values[0] is None:
+        return []
+    profile = Profile.from_values(bench.spec, variants, values[1:], values[0])
+    picked: list[Any] = []
+    for _ in range(2):
+        arch = solve(profile, lo, target, exclude=picked)
+        if arch is None:
+            break
+        picked.append(arch)
+    run.notes["profile_variants"] = sum(v is not None for v in values[1:])
+    return [(f"profile-{i + 1}", a) for i, a in enumerate(picked)]
 
 
 # --- predictor learning curve --------------------------------------------------------------------
@@ -456,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--puzzle-solutions", type=int, default=None, help="MIP solutions verified (default: the budget)")
     ap.add_argument("--no-drop", action="store_true", help="no layer drop in EvoPress and Puzzle levels")
     ap.add_argument("--paper-k", type=int, default=None, help="verified by the paper pipeline (default 18*B/64)")
-    ap.add_argument("--archopt-initial", type=float, default=0.5, help="share of B measured before the rounds")
+    ap.add_argument("--archopt-initial", type=float, default=0.15,
+                    help="share of B in random architectures measured before the rounds (the strong starts follow)")
     ap.add_argument("--archopt-verify", type=int, default=None, help="K per round (default B/8)")
     ap.add_argument("--explore", type=float, default=1.0, help="archopt's active-learning weight (0 = off)")
     ap.add_argument("--screen", type=int, default=None, help="archopt-screen's cheap screens per round (default 6K)")
