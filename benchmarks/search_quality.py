@@ -125,20 +125,13 @@ def profile_starts(bench: Bench, run: MethodRun, target: int, lo: int) -> list[t
     adds): every single-layer variant measured on the bench's cheap fidelity (charged to ``run``),
     then the two least-damage architectures in the window by the integer program."""
     from archopt.archdb.arch import full
-    from archopt.optimizer.profile import Profile, profile_variants, solve
+    from archopt.optimizer.profile import Profile, profile_starts, profile_variants
     variants = profile_variants(bench.spec)
     values = bench.measure_cheap(run, [full(bench.spec)] + [v.architecture for v in variants], strict=False)
     if values[0] is None:
         return []
-    profile = Profile.from_values(bench.spec, variants, values[1:], values[0])
-    picked: list[Any] = []
-    for _ in range(2):
-        arch = solve(profile, lo, target, exclude=picked)
-        if arch is None:
-            break
-        picked.append(arch)
     run.notes["profile_variants"] = sum(v is not None for v in values[1:])
-    return [(f"profile-{i + 1}", a) for i, a in enumerate(picked)]
+    return profile_starts(Profile.from_values(bench.spec, variants, values[1:], values[0]), lo, target)
 
 
 # --- predictor learning curve --------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .encoding import layer_param_coefficients
 MLP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)   # kept MLP fractions measured per layer
 GRID = 16                                 # MLP widths the program chooses among (interpolated)
 
-__all__ = ["MLP_FRACTIONS", "Profile", "profile_variants", "solve"]
+__all__ = ["MLP_FRACTIONS", "Profile", "profile_starts", "profile_variants", "solve"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,18 @@ def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | Non
             groups = kv.get(layer, spec.num_kv_heads)
             layers_out[layer] = LayerSpec(groups * spec.group_size, groups, inter.get(layer, full.intermediate), False)
     return Architecture(spec, tuple(layers_out))
+
+
+def profile_starts(profile: Profile, lo: int, target: int, n: int = 2) -> list[tuple[str, Architecture]]:
+    """The ``n`` least-damage architectures in ``[lo, target]`` (each next one cut off the ones
+    before it), named ``profile-1``, ``profile-2``, ...: starts for the verification rounds."""
+    picked: list[Architecture] = []
+    for _ in range(n):
+        arch = solve(profile, lo, target, exclude=picked)
+        if arch is None:
+            break
+        picked.append(arch)
+    return [(f"profile-{i + 1}", arch) for i, arch in enumerate(picked)]
 
 
 def _columns_of(arch: Architecture, cols: Sequence[tuple[int, str, int]]) -> list[int]:

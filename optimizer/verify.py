@@ -254,20 +254,13 @@ class Verifier:
         of the loaded model's importance (``optimizer.starts``) and, for a perplexity objective,
         the least-damage architecture of the sensitivity profile (``profile``) and the next-best
         one: ``verify_loop``'s ``starts``."""
-        from .profile import solve
+        from .profile import profile_starts
         from .starts import strong_starts
         importance = self.campaigns(doc)[0].importance
         found = strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
         profile = self.profile(doc) if self.with_profile else None
         if profile is not None:
-            lo, hi = doc["window"]
-            picked: list[Architecture] = []
-            for _ in range(2):
-                arch = solve(profile, lo, hi, exclude=picked)
-                if arch is None:
-                    break
-                picked.append(arch)
-                found.append((f"profile-{len(picked)}", arch))
+            found += profile_starts(profile, *doc["window"])
         return found
 
     def profile(self, doc: dict[str, Any]) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from archopt.archdb.arch import BaseSpec
-from archopt.optimizer.profile import Profile, profile_variants, solve
+from archopt.optimizer.profile import Profile, profile_starts, profile_variants, solve
 
 DEEP = BaseSpec(family="llama", num_layers=24, hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=32,
                 intermediate_size=512, vocab_size=4096, tie_embeddings=True)
@@ -77,3 +77,12 @@ def test_unmeasured_variants_are_never_chosen():
     target = int(DEEP.total_params * 0.7)
     arch = solve(profile, int(target * 0.98), target)
     assert arch is not None and not any(layer.dropped for layer in arch.layers)
+
+
+def test_profile_starts_are_the_best_distinct_solutions():
+    profile = synthetic(DEEP, sensitive={0, 1, 2, 23})
+    target = int(DEEP.total_params * 0.6)
+    starts = profile_starts(profile, int(target * 0.98), target, n=3)
+    assert [name for name, _ in starts] == ["profile-1", "profile-2", "profile-3"]
+    assert starts[0][1] == solve(profile, int(target * 0.98), target)
+    assert len({arch for _, arch in starts}) == 3
