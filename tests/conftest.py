@@ -94,6 +94,15 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'archive.db'}"
 
 
+@pytest.fixture
+def archive(sqlite_url: str) -> Iterable[Any]:
+    """An open ``Archive`` on ``sqlite_url``, closed after the test."""
+    from archopt.archdb import Archive
+    opened = Archive(sqlite_url)
+    yield opened
+    opened.close()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterable[str]:
     """A fresh, empty (not yet migrated) archive on each backend."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from archopt.archdb import Archive
 from archopt.archdb.arch import full
@@ -22,13 +21,6 @@ from helpers.service import TOKEN, serving
 def flat(text: str) -> str:
     """Console output with its line wrapping undone."""
     return " ".join(text.split())
-
-
-@pytest.fixture
-def archive(sqlite_url):
-    a = Archive(sqlite_url)
-    yield a
-    a.close()
 
 
 def test_seven_architectures_warn_everywhere_fifty_do_not(sqlite_url, archive, run_cli, tmp_path):

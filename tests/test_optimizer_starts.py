@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from archopt.archdb import Archive
 from archopt.archdb.arch import BaseSpec, full, uniform
 from archopt.optimizer.encoding import encode, layer_param_coefficients
 from archopt.optimizer.loop import verify_loop
@@ -152,13 +151,6 @@ def test_strong_starts_are_distinct_and_named():
 
 
 # -- starts in the verify loop --------------------------------------------------------------------
-@pytest.fixture
-def archive(sqlite_url):
-    a = Archive(sqlite_url)
-    yield a
-    a.close()
-
-
 def test_loop_measures_starts_first_and_never_ends_below_them(archive):
     fill(archive, 30)
     target = int(0.75 * SPEC.total_params)

@@ -20,13 +20,6 @@ from helpers.archives import SPEC, TRUTH, fill
 from helpers.synthetic import random_archive
 
 
-@pytest.fixture
-def archive(sqlite_url):
-    a = Archive(sqlite_url)
-    yield a
-    a.close()
-
-
 def test_query_respects_budget_pareto_and_finds_good_architectures(archive):
     fill(archive, 200)
     target = int(0.75 * SPEC.total_params)

@@ -22,13 +22,6 @@ from helpers.synthetic import SyntheticTruth, random_archive
 CHEAP = dataclasses.replace(PPL, tokens=1024)
 
 
-@pytest.fixture
-def archive(sqlite_url):
-    a = Archive(sqlite_url)
-    yield a
-    a.close()
-
-
 def _cheap_of(ppl, seed=0):
     """A cheap fidelity: a monotone map of the full value with its own noise (log scale, sd 0.01)."""
     rng = np.random.default_rng(seed)

@@ -7,20 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from archopt.archdb import Archive
 from archopt.optimizer.encoding import encode
 from archopt.optimizer.loop import pick_to_verify, verify_loop
 from archopt.optimizer.query import QueryRequest
 
 from helpers.archives import SPEC, TRUTH, fill, record_ppl
 from helpers.synthetic import SyntheticTruth
-
-
-@pytest.fixture
-def archive(sqlite_url):
-    a = Archive(sqlite_url)
-    yield a
-    a.close()
 
 
 def _row(arch_id, pred, std, measured=None):
