@@ -18,6 +18,12 @@ that an architecture removes, as two ``[N, L]`` arrays. Pass them to ``transform
 the ``Featurizer`` a callable ``importance(batch) -> (attn_removed, mlp_removed)`` such as an
 ``ImportanceTable`` (which the search can evaluate for candidates it generates). They add
 per-layer (``*_imp_l{i}``, model set), mean and profile features.
+
+Optional sensitivity profile (``optimizer.profile.Profile``, measured single-layer damages): the
+additive model's summed damages of an architecture, ``damage_attn``, ``damage_mlp``,
+``damage_drop`` and ``damage_sum`` (log-metric rise over the base on the profile's cheap
+protocol). One number that already ranks architectures well; the predictors learn what the
+additive model misses (``profile_trees`` fits a line on it and trees on the residual).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from archopt.archdb.arch import Architecture, BaseSpec
 
 from .encoding import LayerBatch, encode
 
-__all__ = ["FEATURE_SETS", "Featurizer", "ImportanceTable", "featurize", "depth_weights", "as_batch",
+__all__ = ["DAMAGE_FEATURES", "FEATURE_SETS", "Featurizer", "ImportanceTable", "featurize", "depth_weights", "as_batch",
            "layer_attribution"]
 
 FEATURE_SETS = ("model", "family")
+DAMAGE_FEATURES = ("damage_attn", "damage_mlp", "damage_drop", "damage_sum")
 
 ImportanceArrays = tuple[np.ndarray, np.ndarray]
 ImportanceSource = Callable[[LayerBatch], ImportanceArrays]
@@ -105,6 +112,7 @@ class Featurizer:
     drop_flags: bool = False
     importance: ImportanceSource | None = None
     importance_features: bool = False
+    profile: Any = None        # optimizer.profile.Profile: adds the damage_* features
 
     def __post_init__(self) -> None:
         if self.feature_set not in FEATURE_SETS:
@@ -135,6 +143,8 @@ class Featurizer:
         out += [f"{k}_third{t}" for k in ("attn", "mlp") for t in range(3)]
         if self.importance_features:
             out += ["attn_imp_mean", "mlp_imp_mean"]
+        if self.profile is not None:
+            out += list(DAMAGE_FEATURES)
         for kind in self._kinds():
             out += [f"{kind}_p{b}" for b in range(self.bins)]
         return out
@@ -171,6 +181,11 @@ class Featurizer:
         ]
         if self.importance_features:
             derived += [per["attn_imp"].mean(1, keepdims=True), per["mlp_imp"].mean(1, keepdims=True)]
+        if self.profile is not None:
+            if self.profile.spec != batch.spec:
+                raise ValueError("the sensitivity profile belongs to another base model than the batch")
+            parts = self.profile.damage_parts(batch.kv, batch.inter)
+            derived += [parts, parts.sum(1, keepdims=True)]
         cols += derived
         W = depth_weights(L, self.bins)
         cols += [per[k] @ W for k in self._kinds()]

@@ -46,6 +46,7 @@ from sklearn.pipeline import Pipeline
 from archopt.archdb.metrics import metric_info
 
 from .calibration import LEVEL, conformal_scale, cross_coverage, scores as _norm_scores
+from .residual import ProfileResidualForest
 # The GP pieces live in optimizer/gp.py; the old private names stay importable here, because
 # artifacts stored before the move pickled them under this module.
 from .gp import _lbfgs, _QuietGP, _select_columns, gp_columns, gp_importances, gp_mean, gp_pipeline  # noqa: F401
@@ -54,7 +55,8 @@ from .gp import input_columns as _input_columns
 __all__ = ["ALGORITHMS", "Predictor", "train_predictor", "metric_direction", "metric_transform",
            "kendall_tau", "spearman"]
 
-ALGORITHMS = ("gbdt", "random_forest", "extra_trees", "hist_gbdt", "gp")
+ALGORITHMS = ("gbdt", "random_forest", "extra_trees", "hist_gbdt", "gp", "profile_trees")
+PROFILE_ALGORITHMS = ("profile_trees",)   # need the damage_sum feature (a sensitivity profile)
 _KL_EPS = 1e-4
 _STD_FLOOR = 0.25   # share of the mean out-of-fold raw std added to every raw std
 GP_MAX_ROWS = 400   # above, the GP's O(n^3) fit costs more than it gains over trees: not a candidate
@@ -148,7 +150,7 @@ def _inverse(t: np.ndarray, kind: str) -> np.ndarray:
     return t
 
 
-def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = None):
+def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = None, damage: int | None = None):
     """Modest hyperparameters: on this project's 2-core machines, 5-fold CV of all candidates
     plus the final fit on 200 rows x 90 features takes a few seconds. Tree count is what costs
     (scikit-learn spends ~1.5 ms of Python per tree), so ensembles stay small and shallow; the
@@ -165,6 +167,9 @@ def _estimator(name: str, n: int, seed: int, columns: Sequence[int] | None = Non
     if name == "extra_trees":
         return ExtraTreesRegressor(n_estimators=30, max_features=0.5, min_samples_leaf=leaf,
                                    random_state=seed, n_jobs=1)
+    if name == "profile_trees":
+        return ProfileResidualForest(damage_column=-1 if damage is None else damage, n_estimators=30,
+                                     max_features=0.5, min_samples_leaf=leaf, random_state=seed)
     if name == "hist_gbdt":
         return HistGradientBoostingRegressor(max_iter=60, learning_rate=0.15, max_depth=3, max_bins=64,
                                              min_samples_leaf=max(2, min(10, n // 20)),
@@ -314,7 +319,8 @@ def _raw_model_scale(algorithm: str, model: Any, X: np.ndarray, members: Sequenc
         mu, sd = model.predict(X, return_std=True)
         return mu, np.asarray(sd, dtype=float)
     t = model.predict(X)
-    trees = list(getattr(model, "estimators_", [])) if algorithm in ("random_forest", "extra_trees") else list(members)
+    forests = ("random_forest", "extra_trees", "profile_trees")
+    trees = list(getattr(model, "estimators_", [])) if algorithm in forests else list(members)
     if len(trees) >= 2:
         return t, np.stack([m.predict(X) for m in trees]).std(axis=0)
     return t, np.ones(len(X))
@@ -355,7 +361,7 @@ def _fold_count(n: int, folds: int) -> int:
 
 def _cross_validate(name: str, X: np.ndarray, y: np.ndarray, y_t: np.ndarray, kind: str,
                     splits: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
-                    columns: Sequence[int]) -> dict[str, Any]:
+                    columns: Sequence[int], damage: int | None = None) -> dict[str, Any]:
     """Out-of-fold scores of one candidate: each fold fits it from scratch on its training rows
     (hyperparameters included: the GP's kernel is fitted per fold), predicts the held-out rows,
     and gives each one's raw std; ``norm_scores`` are |residual| / raw std (original scale), the
@@ -367,7 +373,7 @@ def _cross_validate(name: str, X: np.ndarray, y: np.ndarray, y_t: np.ndarray, ki
         if np.ptp(y_t[tr]) == 0:
             model_f = _constant(X[tr], y_t[tr])
         else:
-            model_f = _estimator(name, len(tr), seed, columns).fit(X[tr], y_t[tr])
+            model_f = _estimator(name, len(tr), seed, columns, damage).fit(X[tr], y_t[tr])
         oof[te], sigma[te] = _raw_model_scale(name, model_f, X[te])
     mean = _inverse(oof, kind)
     scores = _scores(y, mean, y_t, oof)
@@ -409,6 +415,9 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     if len(feature_names) != X.shape[1]:
         raise ValueError(f"{len(feature_names)} feature names for {X.shape[1]} features")
     candidates = list(dict.fromkeys(candidates))
+    damage = feature_names.index("damage_sum") if "damage_sum" in feature_names else None
+    if damage is None:   # without a sensitivity profile these have nothing to stand on
+        candidates = [c for c in candidates if c not in PROFILE_ALGORITHMS]
     if n > GP_MAX_ROWS and len(candidates) > 1:
         candidates = [c for c in candidates if c != "gp"]
     if not candidates:
@@ -426,13 +435,13 @@ def train_predictor(X: np.ndarray, y: Sequence[float], metric: str, *, seed: int
     # One thread: on tiny data OpenMP start-up (HistGradientBoosting) costs more than it saves.
     with single_thread():
         for name in candidates:
-            per_algo[name] = _cross_validate(name, X, y, y_t, kind, splits, seed, columns)
+            per_algo[name] = _cross_validate(name, X, y, y_t, kind, splits, seed, columns, damage)
             scores = per_algo[name]["scores"]
             tau = scores["kendall_tau"]
             key = (-round(tau, 9) if tau is not None else math.inf, scores["mse_transformed"])
             if key < best_key:
                 best, best_key = name, key
-        model = _constant(X, y_t) if np.ptp(y_t) == 0 else _estimator(best, n, seed, columns).fit(X, y_t)
+        model = _constant(X, y_t) if np.ptp(y_t) == 0 else _estimator(best, n, seed, columns, damage).fit(X, y_t)
     norm, floor = per_algo[best]["norm_scores"], per_algo[best]["floor"]
     scale = conformal_scale(norm)
     cv = dict(per_algo[best]["scores"])

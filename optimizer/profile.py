@@ -110,6 +110,63 @@ class Profile:
     def attn_damage(self, layer: int, kv: int) -> float | None:
         return 0.0 if kv == self.spec.num_kv_heads else self.attn.get((layer, kv))
 
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer damage lookup tables: ``attn [L, KV + 1]`` by KV groups kept, ``mlp [L, I + 1]``
+        by channels kept and ``drop [L]``. Unmeasured levels are interpolated linearly between
+        measured ones (the full layer costs 0) and extrapolated from the last measured segment
+        below the narrowest (never below 0); an unmeasured drop costs the layer's narrowest
+        attention and MLP together."""
+        spec = self.spec
+        L, KV, inter = spec.num_layers, spec.num_kv_heads, spec.intermediate_size
+        attn = np.zeros((L, KV + 1))
+        mlp = np.zeros((L, inter + 1))
+        drop = np.zeros(L)
+        for layer in range(L):
+            attn[layer] = _curve([(kv, d) for (l, kv), d in self.attn.items() if l == layer], KV)
+            mlp[layer] = _curve([(w, d) for (l, w), d in self.mlp.items() if l == layer], inter)
+            drop[layer] = self.drop.get(layer, attn[layer, 1] + mlp[layer, 0])
+        return attn, mlp, drop
+
+    def damage_parts(self, kv: np.ndarray, inter: np.ndarray) -> np.ndarray:
+        """``[N, 3]`` additive damage estimates (attention, MLP, dropped layers) of ``N``
+        architectures given as ``[N, L]`` KV groups and MLP channels kept (``kv == 0``: dropped)."""
+        attn, mlp, drop = self._tables()
+        kv = np.atleast_2d(np.asarray(kv, dtype=np.int64))
+        inter = np.atleast_2d(np.asarray(inter, dtype=np.int64))
+        rows = np.arange(self.spec.num_layers)[None, :]
+        dropped = kv == 0
+        a = np.where(dropped, 0.0, attn[rows, np.clip(kv, 0, attn.shape[1] - 1)])
+        m = np.where(dropped, 0.0, mlp[rows, np.clip(inter, 0, mlp.shape[1] - 1)])
+        d = np.where(dropped, drop[rows], 0.0)
+        return np.stack([a.sum(1), m.sum(1), d.sum(1)], axis=1)
+
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cached = self.__dict__.get("_cached_tables")
+        if cached is None:
+            cached = self.tables()
+            object.__setattr__(self, "_cached_tables", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_cached_tables"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _curve(points: Sequence[tuple[int, float]], full: int) -> np.ndarray:
+    """Damage at every level ``0..full`` from measured ``(level, damage)`` points and ``(full, 0)``."""
+    pts = sorted(set(points) | {(full, 0.0)})
+    levels = np.array([p[0] for p in pts], dtype=float)
+    damages = np.array([p[1] for p in pts], dtype=float)
+    grid = np.arange(full + 1, dtype=float)
+    out = np.interp(grid, levels, damages)
+    if len(pts) >= 2:
+        below = grid < levels[0]
+        slope = (damages[1] - damages[0]) / (levels[1] - levels[0])
+        out[below] = damages[0] + slope * (grid[below] - levels[0])
+    return np.maximum(out, 0.0) if damages.min() >= 0 else out
+
 
 def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | None = None,
           exclude: Sequence[Architecture] = ()) -> Architecture | None:

@@ -12,6 +12,11 @@ too: a line fitted on architectures measured both ways (on the predictor's scale
 perplexities) maps each cheap-only value onto the full protocol's scale, and those rows join the
 training set. The line, its correlation and the rows used are recorded in ``trained_on``; new
 cheap values make a version stale like new full ones.
+
+Sensitivity profile. When the archive holds a perplexity's profile (the single-layer variants of
+``optimizer.profile``, measured on the protocol or a cheap fidelity of it), a version also gets
+the profile's summed damages as features (``damage_*``) and the ``profile_trees`` candidate; the
+profile's protocol is recorded in ``trained_on["profile"]``.
 """
 
 from __future__ import annotations
@@ -139,7 +144,10 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
     cheap, record = fidelity_rows(session, base, metric, protocol_id, pairs)
     rows = list(pairs) + cheap
     archs = [reads.architecture_of(a, base) for a, _, _ in rows]
-    featurizer = Featurizer.for_spec(spec, "model")
+    profile = stored_profile(session, base, metric, protocol_id)
+    featurizer = Featurizer.for_spec(spec, "model", profile=profile[0] if profile else None)
+    if profile:
+        record["profile"] = {"protocol_id": profile[1], "variants": profile[2]}
     X = featurizer.transform(encode(archs, spec))
     y = np.array([v for _, v, _ in rows])
     kwargs: dict[str, Any] = {"seed": seed, "featurizer": featurizer}
@@ -149,6 +157,28 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
     row = _store_version(session, base, metric, protocol_id, predictor, "model", [e for _, _, e in pairs],
                          **record)
     return row, predictor
+
+
+def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol_id: int,
+                   min_share: float = 0.9) -> tuple[Any, int, int] | None:
+    """``(Profile, protocol id, variants measured)`` of ``base``'s sensitivity profile for a
+    perplexity ``metric``, read from the archive under ``protocol_id`` or its cheaper fidelities (most tokens
+    first) (the first with the base and at least ``min_share`` of
+    the variants measured); None when there is none."""
+    if not metric.startswith("ppl"):
+        return None
+    from archopt.archdb.arch import full
+    from .profile import Profile, profile_variants
+    spec = spec_of(base)
+    variants = profile_variants(spec)
+    ids = [full(spec).arch_id(base.name)] + [v.architecture.arch_id(base.name) for v in variants]
+    for pid in [protocol_id, *reads.cheaper_fidelities(session, base, metric, protocol_id)]:
+        values = reads.values_under(session, base, ids, metric, session.get(m.Protocol, pid).key)
+        measured = [values.get(i) for i in ids[1:]]
+        count = sum(v is not None for v in measured)
+        if ids[0] in values and count >= min_share * len(variants):
+            return Profile.from_values(spec, variants, measured, values[ids[0]]), pid, count
+    return None
 
 
 def _store_version(session: Session, base: m.BaseModel, metric: str, protocol_id: int, predictor: Predictor,
