@@ -120,6 +120,7 @@ class EvalOptions:
     importance: str
     device: str | None
     dtype: str | None
+    max_memory: str | None = None   # as written: 6GB (parsed by ``settings``)
 
     def settings(self, seed: int, *, metrics: Sequence[str] | None = None, device: str | None = None) -> Any:
         """``optimizer.campaign.EvalSettings`` (default device: cuda when available, else cpu)."""
@@ -133,7 +134,7 @@ class EvalOptions:
                             data_dir=str(self.data_dir) if self.data_dir else None, seq_len=self.seq_len,
                             max_tokens=self.max_tokens, max_questions=self.max_questions, shots=self.shots,
                             ptb_split=self.ptb_split, importance=self.importance, device=device, dtype=self.dtype,
-                            seed=seed)
+                            seed=seed, max_memory=memory_size(self.max_memory))
 
 
 def quiet_libraries() -> None:
@@ -186,7 +187,21 @@ EVAL_OPTIONS = (
     click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
     click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                  help="Weights dtype (default: float32 on CPU, bfloat16 on CUDA)."),
+    click.option("--max-memory", default=None,
+                 help="Memory the run may use, e.g. 6GB: sizes batches and pruned copies (default: automatic, "
+                      "about 1.1x the weights)."),
 )
+
+
+def memory_size(text: str | None) -> int | None:
+    """``--max-memory 6GB`` -> bytes; a one-line error otherwise."""
+    if text is None:
+        return None
+    from .evaluators.loading import parse_memory
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise UserError(f"--max-memory: {exc}") from None
 
 
 def bundled_options(options: Sequence[Any], cls: type, argument: str) -> Callable[[Any], Any]:

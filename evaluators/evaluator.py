@@ -14,17 +14,19 @@ from archopt.archdb.metrics import EVALUATED
 from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement
 
 from .importance import Importance
-from .loading import BaseModel, model_device
+from .loading import BaseModel, activation_budget, free_device_memory, model_device, param_bytes, release_memory
 from .mmlu import MmluTask
 from .perplexity import PerplexityTask
-from .pruning import prune_model
+from .pruning import prune_model, sliced_bytes
 
 METRICS = EVALUATED
 
 
 def free_memory(device: torch.device | str | None = None) -> None:
-    """Collect garbage and return cached CUDA memory (between architectures)."""
+    """Collect garbage, return freed heap memory to the system and cached CUDA memory to the device
+    (between architectures)."""
     gc.collect()
+    release_memory()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.empty_cache()
 
@@ -36,13 +38,20 @@ class Evaluator:
     tasks' protocols, and their keys, are known before anything runs; a model that runs in another
     precision still gets measurements under the protocol of its own. ``metric_tokens``: perplexity
     metrics that read their own number of tokens instead of ``max_tokens``.
+
+    Memory: ``max_memory`` (bytes the process may use; default: automatic, ``loading.activation_budget``)
+    sizes the perplexity batches, and decides how a pruned model is built: its sliced projections
+    copied once when they fit beside the base and the activations, else formed per call from the
+    base's tensors (``prune_model(..., lazy=True)``), so measuring architecture after architecture
+    never holds more than the base, one projection's slice and a budget of activations.
     """
 
     def __init__(self, tokenizer: Any, metrics: Sequence[str] = ("ppl_wikitext2",), *,
                  data_dir: str | Path | None = None, seq_len: int = 128, max_tokens: int | None = None,
                  max_questions: int | None = None, shots: int = 5, ptb_split: str = "validation",
                  batch_size: int | None = None, cache_dir: str | Path | None = None,
-                 precision: str = DEFAULT_PRECISION, metric_tokens: Mapping[str, int] | None = None) -> None:
+                 precision: str = DEFAULT_PRECISION, metric_tokens: Mapping[str, int] | None = None,
+                 max_memory: int | None = None) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             close = difflib.get_close_matches(unknown[0], METRICS, n=1)
@@ -51,6 +60,7 @@ class Evaluator:
         if not metrics:
             raise ValueError("no metric to evaluate")
         self.metrics = list(dict.fromkeys(metrics))
+        self.max_memory = max_memory
         self.tasks: dict[str, PerplexityTask | MmluTask] = {}
         for metric in self.metrics:
             if metric == "mmlu":
@@ -68,21 +78,36 @@ class Evaluator:
         """Tokens one ``evaluate`` puts through a model: the budget unit of search comparisons."""
         return sum(task.forwarded_tokens for task in self.tasks.values())
 
-    def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
-        """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject."""
+    def evaluate(self, model: torch.nn.Module, budget: int | None = None) -> list[Measurement]:
+        """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject.
+        ``budget``: bytes of activations a batch may hold (default: from ``max_memory`` and ``model``)."""
+        budget = budget or activation_budget(model, self.max_memory)
         out: list[Measurement] = []
         for task in self.tasks.values():
-            result = task.evaluate(model)
+            result = task.evaluate(model, memory_budget=budget)
             out.extend(result if isinstance(result, list) else [result])
         return out
+
+    def lazy_pruning(self, base: BaseModel, arch: Architecture, budget: int) -> bool:
+        """Build ``arch`` with per-call slices when its sliced copies would not fit: beside the base
+        within ``max_memory``, or without it within the activation budget (CPU) or half the free
+        device memory (CUDA)."""
+        extra = sliced_bytes(base, arch)
+        if extra == 0:
+            return False
+        if self.max_memory is not None:
+            return param_bytes(base.model) + extra + budget > self.max_memory
+        free = free_device_memory(model_device(base.model))
+        return extra > (budget if free is None else free // 2)
 
     def evaluate_architecture(self, base: BaseModel, arch: Architecture,
                               importance: Importance | None) -> list[Measurement]:
         """Prune ``base`` to ``arch``, measure it, and free the pruned model before returning."""
-        model = prune_model(base, arch, importance)
+        budget = activation_budget(base.model, self.max_memory)
+        model = prune_model(base, arch, importance, lazy=self.lazy_pruning(base, arch, budget))
         device = model_device(model)
         try:
-            return self.evaluate(model)
+            return self.evaluate(model, budget)
         finally:
             del model
             free_memory(device)

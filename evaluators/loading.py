@@ -120,3 +120,80 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+# ----- memory: what a pass may hold beside the weights -----------------------------------------
+
+MIN_ACTIVATION_BUDGET = 64 * 2 ** 20
+_UNITS = {"": 1, "B": 1, "K": 10 ** 3, "KB": 10 ** 3, "KIB": 2 ** 10, "M": 10 ** 6, "MB": 10 ** 6, "MIB": 2 ** 20,
+          "G": 10 ** 9, "GB": 10 ** 9, "GIB": 2 ** 30, "T": 10 ** 12, "TB": 10 ** 12, "TIB": 2 ** 40}
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """``6GB``, ``6GiB``, ``512M``, ``6e9`` or a number of bytes -> bytes (None stays None)."""
+    if text is None or isinstance(text, int):
+        return text
+    import re
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = found[2].upper() if found else ""
+    if found is None or unit not in _UNITS or float(found[1]) <= 0:
+        raise ValueError(f"memory size {text!r}: write it like 6GB, 6GiB, 512MB or a number of bytes")
+    return int(float(found[1]) * _UNITS[unit])
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tied tensor counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def free_device_memory(device: torch.device | str) -> int | None:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``); None elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def activation_budget(model: torch.nn.Module, max_memory: int | None = None,
+                      weights: int | None = None) -> int:
+    """Bytes of activations a pass over ``model`` may hold at once.
+
+    With ``max_memory`` (what the whole process may use): half of what the weights leave. Without
+    it: a sixteenth of the weights on CPU (so a pass stays within a few percent of them), on CUDA
+    up to a quarter of the free device memory. At least 64 MiB. ``weights``: the weights' bytes
+    when known (a pruned model's base).
+    """
+    weights = param_bytes(model) if weights is None else weights
+    if max_memory is not None:
+        return max(MIN_ACTIVATION_BUDGET, (max_memory - weights) // 2)
+    budget = weights // 16
+    free = free_device_memory(model_device(model))
+    if free is not None:
+        budget = max(budget, min(free // 4, 8 * 2 ** 30))
+    return max(MIN_ACTIVATION_BUDGET, budget)
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None

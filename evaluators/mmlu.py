@@ -27,7 +27,7 @@ from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement, Protocol
 
 from .data import LETTERS, MMLU, MmluQuestion, MmluSubject, load_mmlu
 from .loading import model_device
-from .perplexity import autocast_for, device_label, protocol_for
+from .perplexity import autocast_for, batch_tokens, device_label, protocol_for
 from .tokenization import tokenizer_hash, tokenizer_name
 
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -131,7 +131,7 @@ class MmluTask:
                    precision=precision)
 
     # ----- scoring ------------------------------------------------------------------------------
-    def choice_scores(self, model: torch.nn.Module) -> list[list[float]]:
+    def choice_scores(self, model: torch.nn.Module, memory_budget: int | None = None) -> list[list[float]]:
         """Per question, the log-likelihood of each of the four answer continuations."""
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         single = all(len(c) == 1 for c in self.continuations)
@@ -144,7 +144,7 @@ class MmluTask:
                 for cont in self.continuations:
                     ids = _left_truncate(list(item.prompt_ids) + cont, max_pos)
                     requests.append((ids, list(range(len(ids) - len(cont) - 1, len(ids) - 1))))
-        logprobs = self._position_logprobs(model, requests)
+        logprobs = self._position_logprobs(model, requests, memory_budget)
         scores: list[list[float]] = []
         if single:
             cand = torch.tensor([c[0] for c in self.continuations])
@@ -159,17 +159,22 @@ class MmluTask:
                 scores.append(row)
         return scores
 
-    def _position_logprobs(self, model: torch.nn.Module,
-                           requests: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-        """Log-softmax rows (float32, CPU) at the requested positions, batched by length with right padding."""
+    def _position_logprobs(self, model: torch.nn.Module, requests: list[tuple[list[int], list[int]]],
+                           memory_budget: int | None = None) -> list[torch.Tensor]:
+        """Log-softmax rows (float32, CPU) at the requested positions, batched by length with right
+        padding; a batch holds at most ``max_batch_tokens`` tokens and ``memory_budget`` bytes of
+        activations (``perplexity.batch_tokens``)."""
         device = model_device(model)
+        longest_prompt = max((len(r[0]) for r in requests), default=1)
+        max_tokens = min(self.max_batch_tokens, batch_tokens(model, longest_prompt, memory_budget)
+                         if memory_budget else self.max_batch_tokens)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
         out: list[torch.Tensor | None] = [None] * len(requests)
         start = 0
         with torch.inference_mode(), autocast_for(device):
             while start < len(order):
                 longest = len(requests[order[start]][0])
-                size = max(1, min(MAX_BATCH, self.max_batch_tokens // max(1, longest)))
+                size = max(1, min(MAX_BATCH, max_tokens // max(1, longest)))
                 chunk = order[start: start + size]
                 start += size
                 ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
@@ -195,11 +200,12 @@ class MmluTask:
         """Tokens one evaluation puts through the model (every prompt)."""
         return sum(len(item.prompt_ids) for item in self.items)
 
-    def evaluate(self, model: torch.nn.Module) -> list[Measurement]:
+    def evaluate(self, model: torch.nn.Module, memory_budget: int | None = None) -> list[Measurement]:
         """``mmlu`` (micro average over all questions) and ``mmlu:<subject>`` accuracies; a model
-        whose answer log-likelihoods are not finite (diverged) gives failed measurements."""
+        whose answer log-likelihoods are not finite (diverged) gives failed measurements.
+        ``memory_budget``: bytes of activations a batch may hold."""
         started = time.perf_counter()
-        scores = self.choice_scores(model)
+        scores = self.choice_scores(model, memory_budget)
         correct: dict[str, int] = {n: 0 for n in self.subject_counts}
         for item, row in zip(self.items, scores):
             predicted = max(range(4), key=lambda k: (row[k], -k))

@@ -30,6 +30,7 @@ from .tokenization import encode_text, tokenizer_hash, tokenizer_name
 METRIC_DATASETS = {"ppl_wikitext2": (data.WIKITEXT2, "test"), "ppl_ptb": (data.PTB, "validation")}
 LOGITS_BUDGET = 2 ** 26  # float elements of logits per batch (256 MiB in float32)
 MAX_BATCH_TOKENS = 4096
+MAX_CUDA_BATCH_TOKENS = 16384
 CE_CHUNK_ROWS = 1024  # cross-entropy in row chunks: cache-friendly, ~2x faster on CPU than one call
 MAX_MEAN_NLL = 700.0  # exp(709.8) overflows a float64
 
@@ -44,6 +45,39 @@ def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
         total += float(F.cross_entropy(chunk, targets[start: start + CE_CHUNK_ROWS], reduction="sum",
                                        ignore_index=-100))
     return total
+
+
+def inference_bytes_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """Bytes of activations one token of a batch holds at once in a no-grad forward pass (one decoder
+    layer's hidden- and intermediate-wide tensors, its attention weights, and a row of logits in
+    the chunks ``total_nll`` forms them in), in the dtype the model computes in."""
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 4096) or 4096)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 32) or 32)
+    device = model_device(model)
+    dtype = autocast_dtype(device) or next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                           torch.float32)
+    element = torch.empty((), dtype=dtype).element_size()
+    return element * (8 * hidden + 3 * inter + 2 * heads * seq_len) + 4 * hidden
+
+
+def batch_tokens(model: torch.nn.Module, seq_len: int, memory_budget: int | None) -> int:
+    """Tokens per batch so that a batch's activations fit ``memory_budget`` bytes (default:
+    ``loading.activation_budget(model)``), at most ``MAX_BATCH_TOKENS`` (16,384 on CUDA)."""
+    from .loading import activation_budget
+    budget = memory_budget or activation_budget(model)
+    cap = MAX_CUDA_BATCH_TOKENS if model_device(model).type == "cuda" else MAX_BATCH_TOKENS
+    return max(seq_len, min(cap, budget // inference_bytes_per_token(model, seq_len)))
+
+
+def hidden_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, lm_head) of a Llama-layout causal LM, so that logits can be formed a few
+    rows at a time; None for another layout (then the whole logits tensor is formed)."""
+    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if isinstance(inner, torch.nn.Module) and isinstance(head, torch.nn.Module):
+        return inner, head
+    return None
 
 
 def device_label(device: torch.device) -> str:
@@ -102,6 +136,7 @@ class PerplexityTask:
         self.metric = metric
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.memory_budget: int | None = None   # during ``evaluate``: bytes of activations a batch may hold
         self.windows = cut_windows(tokens, seq_len, max_tokens, f"{dataset} {split}")
         n_windows = len(self.windows)
         # next-token targets per position; the last position of a window predicts nothing
@@ -140,23 +175,39 @@ class PerplexityTask:
     def predicted_tokens(self) -> int:
         return self.windows.shape[0] * (self.seq_len - 1)
 
-    def _batch_size(self, model: torch.nn.Module) -> int:
+    def _batch_size(self, model: torch.nn.Module, memory_budget: int | None = None) -> int:
+        """Windows per batch: ``batch_size`` when set, else as many as ``memory_budget`` bytes of
+        activations hold (``batch_tokens``); a model without the Llama layout also keeps its whole
+        logits tensor within ``LOGITS_BUDGET``."""
         if self.batch_size:
             return self.batch_size
-        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 32000) or 32000)
-        return max(1, min(MAX_BATCH_TOKENS // self.seq_len, LOGITS_BUDGET // (self.seq_len * vocab)))
+        windows = max(1, batch_tokens(model, self.seq_len, memory_budget) // self.seq_len)
+        if hidden_and_head(model) is None:
+            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 32000) or 32000)
+            windows = min(windows, max(1, LOGITS_BUDGET // (self.seq_len * vocab)))
+        return windows
 
-    def total_nll(self, model: torch.nn.Module) -> tuple[float, int]:
-        """Sum of token NLLs (nats) over all predicted tokens, and their count."""
+    def total_nll(self, model: torch.nn.Module, memory_budget: int | None = None) -> tuple[float, int]:
+        """Sum of token NLLs (nats) over all predicted tokens, and their count. Batches hold at most
+        ``memory_budget`` bytes of activations (``_batch_size``); logits are formed
+        ``CE_CHUNK_ROWS`` rows at a time, never for a whole batch."""
         device = model_device(model)
-        batch = self._batch_size(model)
+        batch = self._batch_size(model, memory_budget or self.memory_budget)
+        parts = hidden_and_head(model)
         total = 0.0
         with torch.inference_mode(), autocast_for(device):
             for start in range(0, self.windows.shape[0], batch):
                 ids = self.windows[start: start + batch].to(device, non_blocking=True)
-                targets = self.targets[start: start + batch].to(device, non_blocking=True)
-                logits = model(input_ids=ids, use_cache=False).logits
-                total += _summed_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                targets = self.targets[start: start + batch].to(device, non_blocking=True).reshape(-1)
+                if parts is None:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    total += _summed_nll(logits.reshape(-1, logits.shape[-1]), targets)
+                    continue
+                inner, head = parts
+                hidden = inner(input_ids=ids, use_cache=False).last_hidden_state
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                for row in range(0, hidden.shape[0], CE_CHUNK_ROWS):
+                    total += _summed_nll(head(hidden[row: row + CE_CHUNK_ROWS]), targets[row: row + CE_CHUNK_ROWS])
         return total, self.predicted_tokens
 
     @property
@@ -164,11 +215,16 @@ class PerplexityTask:
         """Tokens one evaluation puts through the model (every window)."""
         return int(self.windows.numel())
 
-    def evaluate(self, model: torch.nn.Module) -> Measurement:
+    def evaluate(self, model: torch.nn.Module, memory_budget: int | None = None) -> Measurement:
         """Perplexity of ``model`` (eval mode expected) on the prepared windows; a diverged model
-        gives a measurement whose ``failed`` says why (its value is inf or NaN)."""
+        gives a measurement whose ``failed`` says why (its value is inf or NaN). ``memory_budget``:
+        bytes of activations a batch may hold (``_batch_size``)."""
         started = time.perf_counter()
-        total, count = self.total_nll(model)
+        self.memory_budget = memory_budget   # read by total_nll (whose signature stays (model))
+        try:
+            total, count = self.total_nll(model)
+        finally:
+            self.memory_budget = None
         mean = total / count
         failed = None
         if not math.isfinite(mean):

@@ -59,22 +59,109 @@ def _importance_dict(importance_info: Importance | Mapping[str, Any] | None) -> 
     return dict(importance_info)
 
 
-def _dedup_state_dict(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict on CPU with shared tensors (tied embeddings) stored once; returns (tensors, aliases)."""
-    tensors: dict[str, torch.Tensor] = {}
+def _dedup_state_dict(model: nn.Module, dtype: torch.dtype | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """State dict with shared tensors (tied embeddings) stored once; returns (tensors, aliases).
+
+    Nothing is copied: values are the model's own tensors, or ``DeferredTensor``s for the projections
+    of a lazily pruned model; ``write_safetensors`` converts (``dtype``) and moves each to the CPU
+    when it writes it."""
+    tensors: dict[str, Any] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        ident = (tensor.data_ptr(), tuple(tensor.shape))
-        if ident in seen and tensor.numel() > 0:
-            aliases[name] = seen[ident]
-            continue
-        seen[ident] = name
-        out = tensor.detach()
-        if dtype is not None and out.is_floating_point():
-            out = out.to(dtype)
-        tensors[name] = out.to("cpu").contiguous()
+    with deferred_state():
+        state = model.state_dict(keep_vars=False)
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            ident = (tensor.data_ptr(), tuple(tensor.shape))
+            if ident in seen and tensor.numel() > 0:
+                aliases[name] = seen[ident]
+                continue
+            seen[ident] = name
+            tensor = tensor.detach()
+        tensors[name] = tensor
     return tensors, aliases
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, Any], dtype: torch.dtype | None = None,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (never a second copy of the model in memory).
+
+    Values are tensors or ``DeferredTensor``s (formed when written); floating-point ones are
+    converted to ``dtype`` when given. The file is written beside ``path`` and renamed into place."""
+    import struct
+
+    def out_dtype(t: Any) -> torch.dtype:
+        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        dt = out_dtype(t)
+        if dt not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dt} cannot be written to safetensors")
+        size = int(torch.Size(t.shape).numel()) * torch.empty((), dtype=dt).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dt], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, t in tensors.items():
+            value = t.materialize() if isinstance(t, DeferredTensor) else t
+            value = value.detach().to("cpu", out_dtype(t)).contiguous()
+            if value.numel():
+                fh.write(value.reshape(-1).view(torch.uint8).numpy())
+            del value
+    os.replace(tmp, path)
+
+
+class DeferredTensor:
+    """A state-dict entry formed only when written: the kept rows or columns of a lazily pruned
+    projection (``pruning.SlicedLinear``)."""
+
+    def __init__(self, module: nn.Module, which: str) -> None:
+        self.module, self.which = module, which
+        weight, bias, index, dim = module._source
+        if which == "weight":
+            shape = list(weight.shape)
+            shape[dim] = len(index)
+            self.shape, self.dtype = torch.Size(shape), weight.dtype
+        else:
+            self.shape = torch.Size([len(index)] if dim == 0 else list(bias.shape))
+            self.dtype = bias.dtype
+
+    def materialize(self) -> torch.Tensor:
+        weight, bias = self.module.tensors()
+        return weight if self.which == "weight" else bias
+
+
+_DEFERRING = [False]
+
+
+class deferred_state:
+    """Within the block, ``state_dict()`` of a lazily pruned model holds ``DeferredTensor``s for its
+    sliced projections instead of forming them all at once."""
+
+    def __enter__(self) -> None:
+        _DEFERRING.append(True)
+
+    def __exit__(self, *exc: Any) -> None:
+        _DEFERRING.pop()
+
+
+def deferring() -> bool:
+    return _DEFERRING[-1]
 
 
 def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
@@ -83,22 +170,23 @@ def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,
     """Write ``model`` (pruned from ``base`` to ``arch``) to ``out_dir``; returns the directory.
 
     ``dtype`` converts the saved floating-point weights (default: as they are in memory). The
-    in-memory model is not modified. ``base_name`` is the base model's registered name (default:
-    ``base.name``), recorded in ``archopt.json``.
+    in-memory model is not modified. The weights are written one tensor at a time: a lazily pruned
+    model (``prune_model(..., lazy=True)``) is saved with at most one sliced projection in memory.
+    ``base_name`` is the base model's registered name (default: ``base.name``), recorded in
+    ``archopt.json``.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_dtype = resolve_dtype("cpu", dtype) if dtype is not None else None
     tensors, aliases = _dedup_state_dict(model, save_dtype)
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(out / WEIGHTS_FILE, tensors, save_dtype, metadata={"format": "pt"})
 
     import copy
 
     config = copy.deepcopy(model.config)
     config.archopt_layers = kept_layer_shapes(arch)
-    weight_dtype = next(iter(tensors.values())).dtype
+    first = next(iter(tensors.values()))
+    weight_dtype = save_dtype if save_dtype is not None and first.dtype.is_floating_point else first.dtype
     config.dtype = weight_dtype
     config.save_pretrained(str(out))
     _make_remote_code_config(out, base.spec.family, arch)

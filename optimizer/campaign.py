@@ -46,6 +46,7 @@ class EvalSettings:
     device: str = "cpu"
     dtype: str | None = None
     seed: int = 0
+    max_memory: int | None = None   # bytes the run may use (batches, pruned copies); None: automatic
 
 
 @dataclass
@@ -112,7 +113,8 @@ def make_evaluator(tokenizer: Any, settings: EvalSettings) -> Any:
     return ev.Evaluator(tokenizer, list(settings.metrics), data_dir=settings.data_dir, seq_len=settings.seq_len,
                         max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
                         ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens",
-                        precision=run_precision(settings), metric_tokens=dict(settings.metric_tokens))
+                        precision=run_precision(settings), metric_tokens=dict(settings.metric_tokens),
+                        max_memory=settings.max_memory)
 
 
 class Campaign:
@@ -139,10 +141,15 @@ class Campaign:
         self.importance = ev.compute_importance(
             self.base, settings.importance, samples=settings.calibration_samples,
             seq_len=settings.calibration_seq_len, seed=settings.seed, cache_dir=cache_dir() / "importance",
-            data_dir=settings.data_dir)
+            data_dir=settings.data_dir, memory_budget=self._activation_budget())
         self.evaluator = make_evaluator(self.base.tokenizer, settings)
         self.screener: Any = None
         self.forwarded_tokens = 0   # tokens this campaign put through pruned models (screening included)
+
+    def _activation_budget(self) -> int:
+        """Bytes of activations a pass may hold (``evaluators.loading.activation_budget``)."""
+        from archopt.evaluators.loading import activation_budget
+        return activation_budget(self.base.model, self.settings.max_memory)
 
     def enable_screening(self, metric: str, tokens: int | None = None) -> str:
         """Prepare a cheap fidelity of ``metric``: the same text and window on the first ``tokens``
@@ -168,7 +175,7 @@ class Campaign:
                                 f"got {tokens:,}")
         return ev.Evaluator(self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq,
                             max_tokens=tokens, ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens",
-                            precision=run_precision(self.settings))
+                            precision=run_precision(self.settings), max_memory=self.settings.max_memory)
 
     def cheap_values(self, archs: Sequence[Architecture], metric: str, evaluator: Any, origin: str,
                      on_result: Callable[[int, int, ArchResult], Any] | None = None) -> list[float | None]:
