@@ -7,6 +7,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TEST_STAMP := $(VENV)/.test-installed-stamp
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed-stamp
+# llama-cpp-python has no PyPI wheel: pip builds its bundled llama.cpp (CPU only). GGML_NATIVE=OFF
+# with AVX2/FMA/F16C (ggml's defaults then) runs on any x86-64-v3 CI machine, not only the builder;
+# the multimodal library, tests, examples, tools and server are not built.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 LOG := $(VENV)/setup.log
 DATA ?= ../shared/data
 MODEL ?= ../shared/models/ptb-llama-8l
@@ -19,7 +26,7 @@ export TRANSFORMERS_VERBOSITY := error
 
 ARCHOPT := ARCHOPT_CACHE=demo/cache $(BIN)/archopt --db $(DEMO_DB)
 
-.PHONY: test demo setup test-setup browser clean
+.PHONY: test demo setup test-setup browser llamacpp clean
 
 setup: $(STAMP)
 
@@ -32,8 +39,19 @@ $(STAMP): pyproject.toml
 		>$(LOG) 2>&1 || { tail -n 25 $(LOG); echo "set-up failed (full log: $(LOG))"; exit 1; }
 	@touch $@
 
-# What only the tests need: pytest, hypothesis, pgserver (PostgreSQL), selenium, lm-evaluation-harness.
-$(TEST_STAMP): $(STAMP)
+# llama.cpp for the GGUF tests, built from source once (pip keeps the wheel in its cache).
+$(LLAMACPP_STAMP): $(STAMP)
+	@echo "== test set-up: llama-cpp-python $(LLAMACPP_VERSION), its llama.cpp built from source (first time: about 8 minutes on 2 cores; log: $(LOG))"
+	@CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install llama-cpp-python==$(LLAMACPP_VERSION) >>$(LOG) 2>&1 \
+		|| { tail -n 25 $(LOG); echo "llama-cpp-python build failed: it needs gcc, g++ and cmake (full log: $(LOG))"; exit 1; }
+	@touch $@
+
+llamacpp: $(LLAMACPP_STAMP)
+
+# What only the tests need: pytest, hypothesis, pgserver (PostgreSQL), selenium, lm-evaluation-harness,
+# llama-cpp-python (above).
+$(TEST_STAMP): $(STAMP) $(LLAMACPP_STAMP)
 	@echo "== test set-up: pytest, hypothesis, pgserver, selenium, lm-eval (log: $(LOG))"
 	@$(BIN)/pip install -e '.[test]' >>$(LOG) 2>&1 || { tail -n 25 $(LOG); echo "test set-up failed (full log: $(LOG))"; exit 1; }
 	@touch $@
@@ -55,7 +73,7 @@ browser:
 	fi
 
 test: test-setup
-	ARCHOPT_REQUIRE_POSTGRES=1 ARCHOPT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	ARCHOPT_REQUIRE_POSTGRES=1 ARCHOPT_REQUIRE_BROWSER=1 ARCHOPT_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo:
 	@echo "archopt finds the best pruned LLM for a size target. It keeps an archive of pruned architectures"

@@ -20,9 +20,10 @@ from .records import ArchRecord, RecordError, parse_record
 CSV_COLUMNS = ("model", "arch_id", "architecture", "origin", "importance", "calibration", "metric", "value",
                "dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "tokens", "questions",
                "shots", "tool", "tool_version", "precision", "protocol_extra", "source", "device", "duration_s",
-               "created_at", "retracted_at", "retract_reason", "base_model")
+               "created_at", "retracted_at", "retract_reason", "base_model", "runtime")
 _PROTOCOL_INT = ("seq_len", "tokens", "questions", "shots")
-_PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "tool", "tool_version", "precision")
+_PROTOCOL_STR = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "tool", "tool_version", "precision",
+                 "runtime")
 MAX_JSON_DEPTH = 64
 
 

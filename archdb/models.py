@@ -71,6 +71,7 @@ class Protocol(Base):
     tool_version: Mapped[str] = mapped_column(String(500), default="")
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     precision: Mapped[str] = mapped_column(String(20), default="float32", server_default="float32")
+    runtime: Mapped[str] = mapped_column(String(40), default="transformers", server_default="transformers")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -17,8 +17,11 @@ from .errors import ArchoptError
 from .metrics import EVALUATED, metric_info
 
 METRICS = EVALUATED
-PRECISIONS = ("float32", "bfloat16", "float16", "float64")
+# float formats the model computed in; q8_0 is llama.cpp's 8-bit weight format (runtime "llama.cpp")
+PRECISIONS = ("float32", "bfloat16", "float16", "float64", "q8_0")
 DEFAULT_PRECISION = "float32"
+RUNTIMES = ("transformers", "llama.cpp")
+DEFAULT_RUNTIME = "transformers"
 
 
 class ProtocolError(ArchoptError, ValueError):
@@ -40,11 +43,13 @@ def validate_metric_name(metric: Any) -> str:
 
 @dataclass(frozen=True)
 class Protocol:
-    """Dataset, split, text joining, tokenizer, window, amount evaluated, shots, tool, and the numeric
-    precision the model ran in (``float32`` unless said: bfloat16 values are another protocol).
+    """Dataset, split, text joining, tokenizer, window, amount evaluated, shots, tool, the numeric
+    precision the model ran in (``float32`` unless said: bfloat16 values are another protocol) and
+    the runtime whose forward pass gave the logits (``transformers`` unless said; ``llama.cpp`` for a
+    GGUF export, whose ``precision`` is the file's out type: float32, float16, bfloat16 or q8_0).
 
-    ``precision`` enters the canonical JSON (``to_dict``, ``key``) only when it is not float32, so the
-    keys of every protocol stored before it existed are unchanged.
+    ``precision`` and ``runtime`` enter the canonical JSON (``to_dict``, ``key``) only when they are
+    not the defaults, so the keys of every protocol stored before they existed are unchanged.
     """
 
     dataset: str
@@ -60,6 +65,7 @@ class Protocol:
     tool_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     precision: str = DEFAULT_PRECISION
+    runtime: str = DEFAULT_RUNTIME
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -76,6 +82,9 @@ class Protocol:
         if self.precision not in PRECISIONS:
             raise ProtocolError(f"protocol field 'precision' must be one of {', '.join(PRECISIONS)}, "
                                 f"got {str(self.precision)[:40]!r}")
+        if self.runtime not in RUNTIMES:
+            raise ProtocolError(f"protocol field 'runtime' must be one of {', '.join(RUNTIMES)}, "
+                                f"got {str(self.runtime)[:40]!r}")
         if not isinstance(self.extra, dict):
             raise ProtocolError("protocol field 'extra' must be an object")
         try:
@@ -84,10 +93,13 @@ class Protocol:
             raise ProtocolError("protocol field 'extra' must hold plain JSON (no NaN)") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical form (exports, ``key``): ``precision`` only when it is not float32."""
+        """The canonical form (exports, ``key``): ``precision`` only when it is not float32,
+        ``runtime`` only when it is not transformers."""
         out = asdict(self)
         if self.precision == DEFAULT_PRECISION:
             del out["precision"]
+        if self.runtime == DEFAULT_RUNTIME:
+            del out["runtime"]
         return out
 
     @classmethod
@@ -112,7 +124,7 @@ class Protocol:
         tokens (e.g. the first 1,024 of the 8,192 that ``other`` reads): a cheap fidelity of it,
         whose values rank architectures much like ``other``'s (``archopt query --screen``)."""
         same = ("dataset", "split", "joining", "tokenizer", "tokenizer_hash", "seq_len", "questions", "shots", "tool",
-                "precision")
+                "precision", "runtime")
         if any(getattr(self, f) != getattr(other, f) for f in same):
             return False
         return self.tokens is not None and other.tokens is not None and self.tokens < other.tokens
@@ -131,6 +143,8 @@ class Protocol:
             parts.append(f"{self.shots}-shot")
         if self.tool and self.tool != "archopt":
             parts.append(self.tool)
+        if self.runtime != DEFAULT_RUNTIME:
+            parts.append(self.runtime)
         if self.precision != DEFAULT_PRECISION:
             parts.append(self.precision)
         return "/".join(parts)

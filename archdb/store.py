@@ -214,7 +214,7 @@ def protocol_ids(session: Session, protocols: Iterable[Protocol]) -> dict[str, i
     missing = [k for k in keys if k not in found]
     if missing:
         now = m.utcnow()
-        rows = [{"key": k, **asdict(wanted[k]), "created_at": now} for k in missing]  # every column, precision too
+        rows = [{"key": k, **asdict(wanted[k]), "created_at": now} for k in missing]  # every column, precision and runtime too
         _run(session, _insert(session, m.Protocol).on_conflict_do_nothing(index_elements=["key"]), rows)
         for chunk in _chunks(missing):
             for pid, key in session.execute(select(m.Protocol.id, m.Protocol.key).where(m.Protocol.key.in_(chunk))):
@@ -226,7 +226,7 @@ def protocol_of(row: m.Protocol) -> Protocol:
     return Protocol(dataset=row.dataset, split=row.split, joining=row.joining, tokenizer=row.tokenizer,
                     tokenizer_hash=row.tokenizer_hash, seq_len=row.seq_len, tokens=row.tokens,
                     questions=row.questions, shots=row.shots, tool=row.tool, tool_version=row.tool_version,
-                    extra=dict(row.extra or {}), precision=row.precision)
+                    extra=dict(row.extra or {}), precision=row.precision, runtime=row.runtime)
 
 
 # --- architectures -------------------------------------------------------------------------------

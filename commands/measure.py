@@ -40,11 +40,21 @@ def run_campaign(state: State, campaign: Any, archs: list[tuple[Any, str]], titl
 @click.option("--no-base", is_flag=True, help="Do not measure the unpruned base model.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampled architectures and of the calibration windows.")
+@click.option("--runtime", type=click.Choice(["transformers", "llama.cpp"]), default="transformers",
+              show_default=True, help="llama.cpp: measure the --gguf file (archopt prune --format gguf) in "
+                                      "llama.cpp under the same protocol; the protocol records runtime and out type.")
+@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The GGUF file --runtime llama.cpp measures (its architecture is read from the file).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="llama.cpp threads (default: all cores).")
+@click.option("--record-to", "record_to", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--runtime llama.cpp: write the values as a JSON Lines record for archopt ingest instead of "
+                   "storing them.")
 @eval_options
 @pass_state
 def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampler: str, uniform_ratios: str | None,
              arch_texts: tuple[str, ...], layers: str | None, ratios: str, params_text: str | None, tolerance: str,
-             with_starts: bool, no_base: bool, seed: int, evaluation: EvalOptions) -> None:
+             with_starts: bool, no_base: bool, seed: int, runtime: str, gguf_path: Path | None, threads: int | None,
+             record_to: Path | None, evaluation: EvalOptions) -> None:
     """Prune a base model to many architectures and measure them into the archive.
 
     Each result is written as soon as it is measured; a rerun skips what is there.
@@ -54,7 +64,15 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
       archopt evaluate --model ../shared/models/ptb-llama-8l --data-dir ../shared/data \\
           --samples 20 --uniform 0.2 --metrics ppl_wikitext2,ppl_ptb
       archopt evaluate --model ../shared/models/ptb-llama-8l --data-dir ../shared/data --params 60% --starts
+      archopt evaluate --model ptb-llama-8l --runtime llama.cpp --gguf pruned-80.gguf --metrics ppl_wikitext2 \\
+          --data-dir ../shared/data --max-tokens 8192
     """
+    if runtime == "llama.cpp" or gguf_path is not None or record_to is not None:
+        if runtime != "llama.cpp":
+            raise UserError("--gguf and --record-to go with --runtime llama.cpp")
+        from .gguf import evaluate_gguf
+        evaluate_gguf(state, model_ref, gguf_path, evaluation, threads, record_to)
+        return
     from archopt.archdb.arch import full, parse_layer_range
     from archopt.archdb.sizes import parse_size, parse_tolerance
     from archopt.optimizer.campaign import Campaign
@@ -115,8 +133,13 @@ def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
 @click.command()
 @click.option("--model", "-m", "model_ref", required=True, help="Base model: registered name, path or hub id.")
 @click.option("--arch", "arch_text", required=True, help="Architecture: archive id (prefix), JSON file or string.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write (created if missing).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory to write (created if missing); with --format gguf, the .gguf file.")
+@click.option("--format", "out_format", type=click.Choice(["dir", "gguf"]), default="dir", show_default=True,
+              help="dir: safetensors + remote code for transformers; gguf: one file for llama.cpp (Ollama, "
+                   "LM Studio), llama.cpp's deci layout with per-layer shapes.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+              help="GGUF tensor type (--format gguf; default f16).")
 @click.option("--importance", type=click.Choice(["taylor", "l2"]), default=None,
               help="Default: the criterion the archive recorded for this architecture, else taylor.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -126,20 +149,24 @@ def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:
               help="dtype of the saved weights (default: the loaded dtype).")
 @click.option("--weights", default=None, help="Where the base weights are (default: the archive's location).")
 @pass_state
-def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importance: str | None,
-          data_dir: Path | None, device: str, dtype: str | None, weights: str | None) -> None:
+def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, out_format: str, outtype: str | None,
+          importance: str | None, data_dir: Path | None, device: str, dtype: str | None, weights: str | None) -> None:
     """Write a pruned model: safetensors, config with per-layer shapes, modeling code, archopt.json, tokenizer.
 
     The directory loads without archopt: AutoModelForCausalLM.from_pretrained(OUT,
     trust_remote_code=True) runs the modeling_archopt.py written beside the weights (the base
     family's transformers classes, narrowed per layer). lm-eval takes it as
     --model_args pretrained=OUT,trust_remote_code=True, and `archopt ingest` of its results file
-    lands on this architecture.
+    lands on this architecture. --format gguf writes one GGUF file instead (tokenizer and
+    archopt.json's provenance inside) that llama.cpp, Ollama and LM Studio run.
 
     \b
     Example:
       archopt prune --model ptb-llama-8l --arch 3f2a9c1b --out pruned-80pct --dtype bfloat16
+      archopt prune --model ptb-llama-8l --arch 3f2a9c1b --format gguf --out pruned-80.gguf --outtype q8_0
     """
+    from archopt.commands.gguf import check_prune_output
+    check_prune_output(out_dir, out_format, outtype, dtype)
     from archopt.archdb import reads
     from archopt.archdb.reads import arch_pruning, get_base_model
     from archopt.evaluators.hub import check_model_source
@@ -187,7 +214,11 @@ def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, importanc
         raise UserError(f"architecture {arch.arch_id(name)[:12]} was measured with {importance} importance calibrated "
                         f"on {label}, this prune calibrates on {imp.calibration_label()}: pass the --data-dir it "
                         "was measured with")
-    model = ev.prune_model(base, arch, imp)
+    model = ev.prune_model(base, arch, imp, lazy=out_format == "dir")  # dir: slices formed as they are written
+    if out_format == "gguf":
+        from archopt.commands.gguf import write_gguf
+        write_gguf(state, model, base, arch, imp, out_dir, outtype, name)
+        return
     ev.save_pruned(model, base, arch, imp, out_dir, dtype=dtype, base_name=name)
     state.out.print(f"wrote {out_dir}: {arch.params:,} params ({100 * arch.fraction():.1f}% of {name}), "
                     f"architecture {arch.arch_id(name)[:12]}; load it with "
