@@ -36,7 +36,8 @@ def run_campaign(state: State, campaign: Any, archs: list[tuple[Any, str]], titl
 @click.option("--params", "params_text", default=None, help="Random samples and --starts at this size: 5B, 550M, 80%.")
 @click.option("--tolerance", default="5%", show_default=True, help="Size window of --params.")
 @click.option("--starts", "with_starts", is_flag=True,
-              help="Also measure the search-free starts at --params: rules of thumb and a FLAP-style global allocation.")
+              help="Also measure the search-free starts at --params: rules of thumb, a FLAP-style global allocation "
+                   "and the least-damage architectures of the sensitivity profile (measured once per base model).")
 @click.option("--no-base", is_flag=True, help="Do not measure the unpruned base model.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the sampled architectures and of the calibration windows.")
@@ -99,6 +100,7 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
     if with_starts:
         from archopt.optimizer.starts import strong_starts, summary
         found = strong_starts(spec, target, campaign.importance.kv_group, campaign.importance.channel)
+        found += profile_starts(state, campaign, int(target * (1 - tol)), target)
         for rule, arch in found:
             state.err.print(f"start {rule}: {summary(arch)}", markup=False)
         archs += [(a, "uniform" if rule == "uniform" else "rule") for rule, a in found]
@@ -110,6 +112,23 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
     failed = f", {report.failed} with a failed run (archopt show ID says why)" if report.failed else ""
     state.out.print(f"{campaign.name}: {report.evaluated} architectures measured, {report.skipped} already in the "
                     f"archive{failed}")
+
+
+def profile_starts(state: State, campaign: Any, lo: int, target: int) -> list[tuple[str, Any]]:
+    """The least-damage architectures in ``[lo, target]`` of the base model's sensitivity profile
+    on the first perplexity measured (measured once per base model and protocol, then read from
+    the archive); none without a perplexity or a protocol long enough for a cheaper fidelity."""
+    from archopt.optimizer.profile import profile_starts as solve_starts
+    from archopt.optimizer.verify import measure_profile
+    metric = next((m for m in campaign.settings.metrics if m.startswith("ppl")), None)
+    if metric is None:
+        return []
+
+    def progress(i: int, n: int, result: Any) -> None:
+        if i + 1 == n or (i + 1) % 25 == 0:
+            state.err.print(f"sensitivity profile: {i + 1}/{n} single-layer variants on a cheap fidelity of {metric}")
+    profile = measure_profile(campaign, metric, on_result=progress)
+    return solve_starts(profile, lo, target) if profile is not None else []
 
 
 def parse_arch(state: State, model_name: str, spec: Any, text: str) -> Any:

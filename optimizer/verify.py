@@ -30,12 +30,34 @@ from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 
 OnResult = Callable[[int, int, Any], Any]
 
-__all__ = ["CampaignCache", "VerifyError", "Verifier", "measurement_settings", "metric_protocols", "origin_of",
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "measure_profile", "measurement_settings", "metric_protocols",
+           "origin_of",
            "reachable", "shortfall", "standing"]
 
 
 class VerifyError(ArchoptError, RuntimeError):
     """Verification cannot run (weights out of reach, a model that does not load): one line."""
+
+
+def measure_profile(campaign: Campaign, metric: str, tokens: int | None = None,
+                    on_result: OnResult | None = None) -> Any:
+    """The base model's sensitivity profile (``optimizer.profile.Profile``) of a perplexity
+    ``metric`` on a cheap fidelity of ``campaign``'s protocol (``tokens``; default an eighth):
+    the single-layer variants the archive lacks are measured (origin ``profile``), the rest read
+    back, so any later query or run of the same base model and protocol reuses them. None when
+    the protocol is too short for a cheaper fidelity or the base has no value."""
+    from .profile import Profile, profile_variants
+    spec = campaign.base.spec
+    try:
+        cheap = campaign.cheap_evaluator(metric, tokens)
+    except CampaignError:
+        return None
+    variants = profile_variants(spec)
+    values = campaign.cheap_values([full(spec)] + [v.architecture for v in variants], metric, cheap, "profile",
+                                   on_result)
+    if values[0] is None:
+        return None
+    return Profile.from_values(spec, variants, values[1:], values[0])
 
 
 def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence[str],
@@ -267,21 +289,11 @@ class Verifier:
         """The base model's sensitivity profile on a cheap fidelity of the first objective
         (``optimizer.profile``): single-layer variants measured where the archive lacks them (origin
         ``profile``, reused by every later query), or None for an objective that is no perplexity."""
-        from .profile import Profile, profile_variants
         objective = doc["objectives"][0]
         if not objective.startswith("ppl"):
             return None
         campaign = next(c for c in self.campaigns(doc) if objective in c.settings.metrics)
-        try:
-            cheap = campaign.cheap_evaluator(objective, self.screen_tokens)
-        except CampaignError:
-            return None   # the protocol is already too short for a cheaper fidelity
-        variants = profile_variants(self.spec)
-        values = campaign.cheap_values([full(self.spec)] + [v.architecture for v in variants], objective, cheap,
-                                       "profile", self.on_profile)
-        if values[0] is None:
-            return None
-        return Profile.from_values(self.spec, variants, values[1:], values[0])
+        return measure_profile(campaign, objective, self.screen_tokens, self.on_profile)
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
                       on_screening: Callable[[str, int, int], Any] | None = None) -> list[float | None]:

@@ -11,6 +11,7 @@ import pytest
 from archopt.archdb.arch import BaseSpec, full, uniform
 from archopt.optimizer.encoding import encode, layer_param_coefficients
 from archopt.optimizer.loop import verify_loop
+from archopt.optimizer.profile import profile_variants
 from archopt.optimizer.query import QueryRequest
 from archopt.optimizer.samplers import mlp_only_rows, sample_architectures
 from archopt.optimizer.starts import (RULES, global_allocation, prunable_range, rule_of_thumb, rules_of_thumb,
@@ -217,8 +218,12 @@ def test_evaluate_starts_stores_rule_architectures(run_cli, sqlite_url, model_di
     spec = BaseSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     target = int(0.85 * spec.total_params)   # embeddings are two thirds of this tiny model
     doc = json.loads(run_cli("--db", sqlite_url, "archs", "--model", "tiny-gqa", "--json").out)
-    stored = {a["arch_id"]: a for a in doc["archs"]}
-    assert len(stored) == len(shown)
+    # the sensitivity profile: every single-layer variant (and the base) on a cheap fidelity
+    variants = [a for a in doc["archs"] if a["origin"] == "profile"]
+    assert len(variants) == len(profile_variants(spec)) + 1
+    assert "profile-1" in shown and "sensitivity profile:" in r.err
+    stored = {a["arch_id"]: a for a in doc["archs"] if a["origin"] != "profile"}
+    assert 0 < len(stored) <= len(shown)   # a profile start may coincide with a rule
     assert {a["origin"] for a in stored.values()} == {"uniform", "rule"}
     assert all(a["params"] <= target and "ppl_wikitext2" in a["metrics"] for a in stored.values())
     for name, arch in rules_of_thumb(spec, target).items():
