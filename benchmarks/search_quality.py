@@ -42,26 +42,29 @@ SHARED = ROOT.parent / "shared"
 DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models" / "ptb-llama-8l"))
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
-EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit")
+EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile")
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
 
 
 # --- archopt: the product's own loop ---------------------------------------------------------------
 def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, name: str, explore: float,
-                   initial_share: float, verify: int | None, screen: int = 0) -> MethodRun:
+                   initial_share: float, verify: int | None, screen: int = 0,
+                   profile_features: bool = True) -> MethodRun:
     """``Campaign.run`` of random architectures (``archopt evaluate --samples``) into an archive of
     its own, then ``verify_loop`` (``archopt query --verify K --rounds R [--screen N]``, with the
     strong starts where the loop takes them) until the token budget is spent. Every architecture is
     measured through ``bench`` first (charged to this method), then recorded by the campaign (a
-    cache hit), so the archive holds exactly what this method paid for."""
+    cache hit), so the archive holds exactly what this method paid for. The sensitivity profile's
+    values are stored too (the predictors then use them as features) unless ``profile_features``
+    is off (``archopt-noprofile``: the profile only gives starts)."""
     from archopt.archdb import reads
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import QueryRequest
     t0 = time.perf_counter()
     run = bench.run(name, target, lo)
     n_evals = sb.evals_in_budget(bench, run)
-    initial = max(5, round(initial_share * n_evals))
+    initial = max(5, round(initial_share * n_evals)) if initial_share > 0 else 0
     k = verify or max(2, n_evals // 8)
     campaign, archive = bench.bind_archive(bench.work / f"{name}-{target}-{seed}.sqlite")
     campaign.screener = bench.cheap if screen else None
@@ -82,7 +85,8 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
                 campaign.run([(a, "verify") for a in paid])
 
     try:
-        record(sb.random_archs(bench, target, tol, n_evals, seed)[:initial])
+        if initial:
+            record(sb.random_archs(bench, target, tol, n_evals, seed)[:initial])
 
         def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
             scored.append(int(doc.get("stats", {}).get("candidates_scored", 0)))
@@ -99,8 +103,10 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             from archopt.optimizer.starts import strong_starts
             imp = campaign.importance
             kwargs["starts"] = strong_starts(bench.spec, target, imp.kv_group, imp.channel)
-            kwargs["starts"] += profile_starts(bench, run, target, lo)
+            kwargs["starts"] += profile_starts(bench, run, target, lo, campaign if profile_features else None)
             run.notes["starts"] = len(kwargs["starts"])
+            if not initial:   # the starts are the first training rows (archopt evaluate --params --starts)
+                record([a for _, a in kwargs.pop("starts")])
         left = sb.evals_in_budget(bench, run)
         report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure,
                              budget=None if screen else left, explore=explore, screen=screen,
@@ -116,20 +122,26 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
                 session, base, list(campaign.protocol_keys().values()))) // len(METRICS)
         archive.close()
     run.notes.update(rounds=len(rounds), explore=explore, initial=initial, verify=k, screen=screen,
+                     profile_features=profile_features,
                      predictor_scored=sum(scored))
     return sb._timed(run, t0)
 
 
-def profile_starts(bench: Bench, run: MethodRun, target: int, lo: int) -> list[tuple[str, Any]]:
+def profile_starts(bench: Bench, run: MethodRun, target: int, lo: int, campaign: Any = None) -> list[tuple[str, Any]]:
     """The product's sensitivity-profile starts (``optimizer.profile``, what ``Verifier.strong_starts``
     adds): every single-layer variant measured on the bench's cheap fidelity (charged to ``run``),
-    then the two least-damage architectures in the window by the integer program."""
+    then the two least-damage architectures in the window by the integer program. With
+    ``campaign``, the values are stored in its archive as ``Verifier.profile`` stores them (origin
+    ``profile``; cache hits), where the product's predictors find them."""
     from archopt.archdb.arch import full
     from archopt.optimizer.profile import Profile, profile_starts, profile_variants
     variants = profile_variants(bench.spec)
     values = bench.measure_cheap(run, [full(bench.spec)] + [v.architecture for v in variants], strict=False)
     if values[0] is None:
         return []
+    if campaign is not None:
+        campaign.cheap_values([full(bench.spec)] + [v.architecture for v in variants], OBJECTIVE, bench.cheap,
+                              "profile")
     run.notes["profile_variants"] = sum(v is not None for v in values[1:])
     return profile_starts(Profile.from_values(bench.spec, variants, values[1:], values[0]), lo, target)
 
@@ -139,8 +151,10 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
                    repeats: int = 5) -> dict[str, Any]:
     """Kendall tau / Spearman on held-out architectures within +-5% of ``target``, from every
     architecture measured on the full protocol in this work folder (any method), for the product's
-    predictor, the same training restricted to tree ensembles and a params-only ranking. Each point
-    is the mean over ``repeats`` random splits (a quarter held out, at least 20)."""
+    predictor, the same training restricted to tree ensembles and a params-only ranking; when the
+    work folder holds the sensitivity profile (an archopt run measured it), also the product's
+    predictor with the profile's damage features and the additive damage sum alone (no training).
+    Each point is the mean over ``repeats`` random splits (a quarter held out, at least 20)."""
     from archopt.archdb.arch import from_layer_dicts
     from archopt.optimizer.encoding import encode
     from archopt.optimizer.features import Featurizer
@@ -156,6 +170,12 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
     fz = Featurizer.for_spec(bench.spec, "model")
     X = fz.transform(encode(archs, bench.spec))
     params = np.array([r[1] for r in rows], dtype=float)
+    profile = cached_profile(bench)
+    out["profile"] = profile is not None
+    if profile is not None:
+        fz_p = Featurizer.for_spec(bench.spec, "model", profile=profile)
+        X_p = fz_p.transform(encode(archs, bench.spec))
+        damage = X_p[:, fz_p.names.index("damage_sum")]
     n_test = max(20, n // 4)
     trees = ("gbdt", "random_forest", "extra_trees", "hist_gbdt")
     for size in sizes:
@@ -175,6 +195,10 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
             got["coverage"].append(coverage(pred, X[test], y[test]))  # share inside the stated 1-sigma band
             got["trees_only_kendall_tau"].append(kendall_tau(tree.predict(X[test])[0], y[test]))
             got["params_only_kendall_tau"].append(kendall_tau(-params[test], y[test]))
+            if profile is not None:
+                with_p = train_predictor(X_p[tr], y[tr], OBJECTIVE, seed=seed, featurizer=fz_p)
+                got.setdefault("profile_kendall_tau", []).append(kendall_tau(with_p.predict(X_p[test])[0], y[test]))
+                got.setdefault("damage_sum_kendall_tau", []).append(kendall_tau(damage[test], y[test]))
             algos.append(pred.algorithm)
         point: dict[str, Any] = {"train": size, "test": int(n_test), "algorithms": algos}
         for key, values in got.items():
@@ -184,13 +208,33 @@ def learning_curve(bench: Bench, target: int, sizes=(25, 50, 100, 200), seed: in
     return out
 
 
+def cached_profile(bench: Bench) -> Any:
+    """The sensitivity profile from the work folder's cheap measurements (None unless the base and
+    every variant are there): read, never measured or charged."""
+    from archopt.archdb.arch import full
+    from archopt.optimizer.profile import Profile, profile_variants
+    variants = profile_variants(bench.spec)
+    values = []
+    for arch in [full(bench.spec)] + [v.architecture for v in variants]:
+        found = bench.cheap.lookup(arch)
+        if found is None:
+            return None
+        values.append(bench.values_of(found[0])[OBJECTIVE])
+    return Profile.from_values(bench.spec, variants, values[1:], values[0])
+
+
 def format_curve(curve: dict[str, Any]) -> str:
     points = curve.get("points", [])
     if not points:
         return f"{curve.get('available', 0)} architectures within +-5%: too few"
+
+    def with_profile(p: dict[str, Any]) -> str:
+        if "profile_kendall_tau" not in p:
+            return ""
+        return f"; with the profile's features {p['profile_kendall_tau']:.3f}, damage sum alone {p['damage_sum_kendall_tau']:.3f}"
     return f"{curve['available']} archs within +-5%, held-out Kendall tau (trees only / params only): " + ", ".join(
         f"{p['train']} pairs {p['kendall_tau']:.3f}±{p['kendall_tau_sd']:.3f} "
-        f"({p['trees_only_kendall_tau']:.3f} / {p['params_only_kendall_tau']:.3f}), "
+        f"({p['trees_only_kendall_tau']:.3f} / {p['params_only_kendall_tau']:.3f}){with_profile(p)}, "
         f"band coverage {100 * p['coverage']:.0f}% (nominal 68%)" for p in points)
 
 
@@ -273,7 +317,8 @@ def goals(results: list[dict[str, Any]], summary: list[dict[str, Any]], curves: 
         g["per_seed_vs_no_search"] = per_seed
         g["never_worse_than_no_search"] = bool(per_seed) and all(p["ok"] for p in per_seed)
         points = curves.get(f"{model} {target}", {}).get("points", [])
-        taus = {p["train"]: p["kendall_tau"] for p in points if p["train"] <= 200}
+        # the product's predictor as a query trains it: with the profile's features once it is measured
+        taus = {p["train"]: p.get("profile_kendall_tau", p["kendall_tau"]) for p in points if p["train"] <= 200}
         g["kendall_tau"] = taus
         g["kendall_tau_ge_0.9"] = bool(taus) and max(taus.values()) >= 0.9
         out.append(g)
@@ -356,14 +401,14 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
         elif name == "paper":
             k = args.paper_k or max(2, round(18 * args.budget / 64))
             runs.append(sb.method_paper(bench, target, lo, tol, seed, k))
-        elif name in ("archopt", "archopt-screen", "archopt-exploit"):
+        elif name in ("archopt", "archopt-screen", "archopt-exploit", "archopt-noprofile"):
             screen = 0
             if name == "archopt-screen":
                 k = args.archopt_verify or max(2, int(args.budget) // 8)
                 screen = args.screen if args.screen is not None else 6 * k
             explore = 0.0 if name == "archopt-exploit" else args.explore
             runs.append(method_archopt(bench, target, lo, tol, seed, name, explore, args.archopt_initial,
-                                       args.archopt_verify, screen))
+                                       args.archopt_verify, screen, name != "archopt-noprofile"))
         else:
             raise SystemExit(f"unknown method {name!r}: use {', '.join(METHODS + EXTRA_METHODS)}")
         yield from runs
@@ -472,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-drop", action="store_true", help="no layer drop in EvoPress and Puzzle levels")
     ap.add_argument("--paper-k", type=int, default=None, help="verified by the paper pipeline (default 18*B/64)")
     ap.add_argument("--archopt-initial", type=float, default=0.15,
-                    help="share of B in random architectures measured before the rounds (the strong starts follow)")
+                    help="share of B in random architectures measured before the rounds (the strong starts follow); "
+                         "0: none, the strong starts are measured first instead")
     ap.add_argument("--archopt-verify", type=int, default=None, help="K per round (default B/8)")
     ap.add_argument("--explore", type=float, default=1.0, help="archopt's active-learning weight (0 = off)")
     ap.add_argument("--screen", type=int, default=None, help="archopt-screen's cheap screens per round (default 6K)")
