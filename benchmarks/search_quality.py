@@ -42,7 +42,7 @@ SHARED = ROOT.parent / "shared"
 DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models" / "ptb-llama-8l"))
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
-EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile")
+EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals")
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
 
@@ -50,14 +50,16 @@ QUICK_BUDGET = 24
 # --- archopt: the product's own loop ---------------------------------------------------------------
 def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, name: str, explore: float,
                    initial_share: float, verify: int | None, screen: int = 0,
-                   profile_features: bool = True) -> MethodRun:
+                   profile_features: bool = True, proposals: bool = True) -> MethodRun:
     """``Campaign.run`` of random architectures (``archopt evaluate --samples``) into an archive of
     its own, then ``verify_loop`` (``archopt query --verify K --rounds R [--screen N]``, with the
     strong starts where the loop takes them) until the token budget is spent. Every architecture is
     measured through ``bench`` first (charged to this method), then recorded by the campaign (a
     cache hit), so the archive holds exactly what this method paid for. The sensitivity profile's
     values are stored too (the predictors then use them as features) unless ``profile_features``
-    is off (``archopt-noprofile``: the profile only gives starts)."""
+    is off (``archopt-noprofile``: the profile only gives starts), and its next-best integer-program
+    solutions are offered to every round (``verify_loop``'s ``proposals``, as ``archopt query``
+    does) unless ``proposals`` is off (``archopt-noproposals``, and ``archopt-noprofile``)."""
     from archopt.archdb import reads
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import QueryRequest
@@ -103,7 +105,14 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             from archopt.optimizer.starts import strong_starts
             imp = campaign.importance
             kwargs["starts"] = strong_starts(bench.spec, target, imp.kv_group, imp.channel)
-            kwargs["starts"] += profile_starts(bench, run, target, lo, campaign if profile_features else None)
+            profile = measured_profile(bench, run, campaign if profile_features else None)
+            if profile is not None:
+                from archopt.optimizer.profile import profile_solutions
+                from archopt.optimizer.verify import PROPOSALS
+                solutions = profile_solutions(profile, lo, target, PROPOSALS)
+                kwargs["starts"] += [(f"profile-{i + 1}", a) for i, a in enumerate(solutions[:2])]
+                if proposals:   # what Verifier.proposals offers each round
+                    kwargs["proposals"] = solutions
             run.notes["starts"] = len(kwargs["starts"])
             if not initial:   # the starts are the first training rows (archopt evaluate --params --starts)
                 record([a for _, a in kwargs.pop("starts")])
@@ -122,28 +131,27 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
                 session, base, list(campaign.protocol_keys().values()))) // len(METRICS)
         archive.close()
     run.notes.update(rounds=len(rounds), explore=explore, initial=initial, verify=k, screen=screen,
-                     profile_features=profile_features,
+                     profile_features=profile_features, proposals=proposals,
                      predictor_scored=sum(scored))
     return sb._timed(run, t0)
 
 
-def profile_starts(bench: Bench, run: MethodRun, target: int, lo: int, campaign: Any = None) -> list[tuple[str, Any]]:
-    """The product's sensitivity-profile starts (``optimizer.profile``, what ``Verifier.strong_starts``
-    adds): every single-layer variant measured on the bench's cheap fidelity (charged to ``run``),
-    then the two least-damage architectures in the window by the integer program. With
-    ``campaign``, the values are stored in its archive as ``Verifier.profile`` stores them (origin
-    ``profile``; cache hits), where the product's predictors find them."""
+def measured_profile(bench: Bench, run: MethodRun, campaign: Any = None) -> Any:
+    """The product's sensitivity profile (``optimizer.profile``, what ``Verifier.profile``
+    measures): every single-layer variant measured on the bench's cheap fidelity (charged to
+    ``run``). With ``campaign``, the values are stored in its archive as ``Verifier.profile``
+    stores them (origin ``profile``; cache hits), where the product's predictors find them."""
     from archopt.archdb.arch import full
-    from archopt.optimizer.profile import Profile, profile_starts, profile_variants
+    from archopt.optimizer.profile import Profile, profile_variants
     variants = profile_variants(bench.spec)
     values = bench.measure_cheap(run, [full(bench.spec)] + [v.architecture for v in variants], strict=False)
     if values[0] is None:
-        return []
+        return None
     if campaign is not None:
         campaign.cheap_values([full(bench.spec)] + [v.architecture for v in variants], OBJECTIVE, bench.cheap,
                               "profile")
     run.notes["profile_variants"] = sum(v is not None for v in values[1:])
-    return profile_starts(Profile.from_values(bench.spec, variants, values[1:], values[0]), lo, target)
+    return Profile.from_values(bench.spec, variants, values[1:], values[0])
 
 
 # --- predictor learning curve --------------------------------------------------------------------
@@ -401,14 +409,15 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
         elif name == "paper":
             k = args.paper_k or max(2, round(18 * args.budget / 64))
             runs.append(sb.method_paper(bench, target, lo, tol, seed, k))
-        elif name in ("archopt", "archopt-screen", "archopt-exploit", "archopt-noprofile"):
+        elif name in ("archopt", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals"):
             screen = 0
             if name == "archopt-screen":
                 k = args.archopt_verify or max(2, int(args.budget) // 8)
                 screen = args.screen if args.screen is not None else 6 * k
             explore = 0.0 if name == "archopt-exploit" else args.explore
             runs.append(method_archopt(bench, target, lo, tol, seed, name, explore, args.archopt_initial,
-                                       args.archopt_verify, screen, name != "archopt-noprofile"))
+                                       args.archopt_verify, screen, name != "archopt-noprofile",
+                                       name not in ("archopt-noprofile", "archopt-noproposals")))
         else:
             raise SystemExit(f"unknown method {name!r}: use {', '.join(METHODS + EXTRA_METHODS)}")
         yield from runs

@@ -265,7 +265,8 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
 
     report = verify_loop(state.archive, request, verify=v.verify, rounds=v.rounds, measure=measure,
                          explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None,
-                         starts=verifier.strong_starts if v.starts else ())
+                         starts=verifier.strong_starts if v.starts else (),
+                         proposals=verifier.proposals if v.starts else ())
     # the final answer, from predictors that learned from every round
     doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
     doc["verified"] = verified

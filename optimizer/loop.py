@@ -38,6 +38,12 @@ the query again, so its own picks come from predictors that have seen them and f
 neighbourhood (they are incumbents now). The loop's best measured architecture is therefore never
 worse than the best start: the loop begins where the rules of thumb end.
 
+Proposals (``proposals``): architectures offered to every round beside the neighbourhood of the
+trust region, ranked with it by the predictors: e.g. the sensitivity profile's next-best
+solutions of its integer program (``Verifier.proposals``). Puzzle-style search verifies those in
+the program's order, trusting the additive damages; here the predictors, which learn from every
+measured architecture what the additive model misses, choose among them.
+
 Torch-free: measuring is the caller's ``measure`` (and ``measure_cheap``) callback.
 """
 
@@ -164,7 +170,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                                         Sequence[float | None]] | None = None, local: float = 0.5,
                 min_distance: float = 0.01,
                 starts: Sequence[Architecture | tuple[str, Architecture]]
-                | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = ()) -> LoopReport:
+                | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = (),
+                proposals: Sequence[Architecture] | Callable[[dict[str, Any]], Sequence[Architecture]] = ()
+                ) -> LoopReport:
     """Run up to ``rounds`` rounds of query -> verify ``verify`` -> retrain (see the module doc).
 
     ``measure(architectures, picks, doc)`` must prune, measure and store the architectures in
@@ -184,6 +192,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     first query document (``doc["target_params"]``) and returns them: e.g. ``lambda doc:
     strong_starts(spec, doc["target_params"], imp.kv_group, imp.channel)``, loading the model
     only once a round needs it.
+    ``proposals``: architectures (or a callable of the round's query document returning them)
+    that join each round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
     """
     if not 0.0 <= local <= 1.0:
         raise ValueError("local must lie in [0, 1]")
@@ -237,6 +247,10 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
             report.stopped = "budget"
             break
         near = _neighbour_rows(archive, doc, spec, objective, pool, request.seed + 7919 * (r + 1)) if local else []
+        if proposals and local:
+            offered = proposals(doc) if callable(proposals) else proposals
+            near += [{**{k: v for k, v in row.items() if k != "start"}, "origin": "proposal"}
+                     for row in _start_rows(archive, doc, spec, list(offered)) if row["arch_id"] not in chosen]
 
         def candidates(n: int, skip: set[str]) -> list[dict[str, Any]]:
             """``n`` fresh, mutually distinct candidates: ``local`` of them from the neighbourhood,

@@ -32,7 +32,7 @@ from .encoding import layer_param_coefficients
 MLP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)   # kept MLP fractions measured per layer
 GRID = 16                                 # MLP widths the program chooses among (interpolated)
 
-__all__ = ["MLP_FRACTIONS", "Profile", "profile_starts", "profile_variants", "solve"]
+__all__ = ["MLP_FRACTIONS", "Profile", "profile_solutions", "profile_starts", "profile_variants", "solve"]
 
 
 @dataclass(frozen=True)
@@ -230,16 +230,22 @@ def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | Non
     return Architecture(spec, tuple(layers_out))
 
 
-def profile_starts(profile: Profile, lo: int, target: int, n: int = 2) -> list[tuple[str, Architecture]]:
-    """The ``n`` least-damage architectures in ``[lo, target]`` (each next one cut off the ones
-    before it), named ``profile-1``, ``profile-2``, ...: starts for the verification rounds."""
+def profile_solutions(profile: Profile, lo: int, target: int, n: int) -> list[Architecture]:
+    """The ``n`` least-damage architectures in ``[lo, target]``, best first (each next one cut off
+    the ones before it by a no-good constraint); fewer when the window holds fewer."""
     picked: list[Architecture] = []
     for _ in range(n):
         arch = solve(profile, lo, target, exclude=picked)
         if arch is None:
             break
         picked.append(arch)
-    return [(f"profile-{i + 1}", arch) for i, arch in enumerate(picked)]
+    return picked
+
+
+def profile_starts(profile: Profile, lo: int, target: int, n: int = 2) -> list[tuple[str, Architecture]]:
+    """The ``n`` least-damage architectures in ``[lo, target]``, named ``profile-1``,
+    ``profile-2``, ...: starts for the verification rounds."""
+    return [(f"profile-{i + 1}", arch) for i, arch in enumerate(profile_solutions(profile, lo, target, n))]
 
 
 def _columns_of(arch: Architecture, cols: Sequence[tuple[int, str, int]]) -> list[int]:

@@ -29,6 +29,7 @@ from archopt.archdb.store import spec_of
 from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 
 OnResult = Callable[[int, int, Any], Any]
+PROPOSALS = 24   # the profile's next-best integer-program solutions offered to each round
 
 __all__ = ["CampaignCache", "VerifyError", "Verifier", "measure_profile", "measurement_settings", "metric_protocols",
            "origin_of",
@@ -232,6 +233,8 @@ class Verifier:
                               f"({self.location or 'no location recorded'}); pass --weights PATH")
         self.screen_tokens: int | None = None
         self.with_profile = True                      # strong_starts measures and solves the profile
+        self.proposal_count = PROPOSALS               # the profile's next-best solutions offered per round
+        self._solutions: dict[tuple[int, int], list[Architecture]] = {}
         self.on_profile: OnResult | None = None       # progress of the profile's measurements
 
     def settings(self, doc: dict[str, Any]) -> list[EvalSettings]:
@@ -284,6 +287,18 @@ class Verifier:
         if profile is not None:
             found += profile_starts(profile, *doc["window"])
         return found
+
+    def proposals(self, doc: dict[str, Any]) -> list[Architecture]:
+        """The sensitivity profile's ``proposal_count`` least-damage architectures in the query's
+        window (``verify_loop``'s ``proposals``; solved once per window, the profile read from the
+        archive): none without a profile."""
+        lo, hi = (int(x) for x in doc["window"])
+        if (lo, hi) not in self._solutions:
+            from .profile import profile_solutions
+            profile = self.profile(doc) if self.with_profile and self.proposal_count else None
+            self._solutions[(lo, hi)] = (profile_solutions(profile, lo, hi, self.proposal_count)
+                                         if profile is not None else [])
+        return self._solutions[(lo, hi)]
 
     def profile(self, doc: dict[str, Any]) -> Any:
         """The base model's sensitivity profile on a cheap fidelity of the first objective

@@ -229,3 +229,38 @@ def test_evaluate_starts_stores_rule_architectures(run_cli, sqlite_url, model_di
     for name, arch in rules_of_thumb(spec, target).items():
         row = next(a for i, a in stored.items() if i.startswith(arch.arch_id("tiny-gqa")[:16]))
         assert row["origin"] == ("uniform" if name == "uniform" else "rule")
+
+
+def test_loop_ranks_offered_proposals_with_its_neighbourhood(archive):
+    """Proposals (the profile's next-best solutions in the product) join each round's trust-region
+    candidates: with nothing measured in the window, they are all the neighbourhood there is."""
+    fill(archive, 30)
+    target = int(0.97 * SPEC.total_params)
+    kv, ch = _scores(SPEC, 3)
+    offered = [a for _, a in strong_starts(SPEC, target, kv, ch)][:3]
+    with archive.read() as session:
+        from archopt.archdb import reads
+        base = reads.get_base_model(session, "synth")
+        assert not [a for a, _, _ in reads.training_pairs(session, base, "ppl_wikitext2",
+                                                          reads.default_protocol(session, base, "ppl_wikitext2"))
+                    if int(target * 0.95) <= a.params <= target]
+    calls: list[list[dict]] = []
+    seen_docs: list[dict] = []
+
+    def measure(archs, picks, doc):
+        calls.append(picks)
+        record_ppl(archive, archs, TRUTH.ppl(encode(archs, SPEC), noisy=True))
+
+    def proposals(doc):
+        seen_docs.append(doc)
+        return offered
+
+    verify_loop(archive, QueryRequest(model="synth", params=target, candidates=500), verify=2, rounds=2,
+                measure=measure, local=1.0, proposals=proposals)
+    assert len(seen_docs) == 2 and seen_docs[0]["target_params"] == target
+    first = [p for p in calls[0]]
+    assert [p["origin"] for p in first] == ["proposal", "proposal"]
+    assert {p["arch_id"] for p in first} <= {a.arch_id("synth") for a in offered}
+    # measured proposals are not offered again: the second round has one left at most
+    second_ids = {p["arch_id"] for p in calls[1] if p["origin"] == "proposal"}
+    assert not second_ids & {p["arch_id"] for p in first}
