@@ -42,23 +42,23 @@ def overlap():
     seen = {}
     def a():
         with single_thread():
-            a_in.set(); a_may_leave.wait(10)
+            a_in.set(); a_may_leave.wait(120)
         a_left.set()
     def b():
-        a_in.wait(10)
+        a_in.wait(120)
         with single_thread():
-            b_in.set(); a_left.wait(10)
+            b_in.set(); a_left.wait(120)
             seen["b_after_a_left"] = limits()
     ta, tb = threading.Thread(target=a), threading.Thread(target=b)
-    ta.start(); tb.start(); b_in.wait(10); a_may_leave.set(); ta.join(10); tb.join(10)
+    ta.start(); tb.start(); b_in.wait(120); a_may_leave.set(); ta.join(120); tb.join(120)
     seen["after"] = in_thread(lambda: {"v": limits()})["v"]
     return seen
 
 def hammer():
     bad = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(6)  # waits below: generous, a loaded 2-core machine is slow
     def worker():
-        start.wait(10)
+        start.wait(120)
         for _ in range(40):
             with single_thread():
                 if limits() != [1]:
