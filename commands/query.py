@@ -40,7 +40,8 @@ class VerifyOptions:
 
 
 VERIFY_OPTIONS = (
-    click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure the top K for real."),
+    click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure K for real (K >= 2: the best-ranked rules of thumb and global "
+                      "allocations first, then the top results; --no-starts: the top K)."),
     click.option("--queue", "to_queue", is_flag=True,
                  help="With --verify K: enqueue the top K for `archopt worker`s instead (PostgreSQL archive)."),
     click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -54,9 +55,10 @@ VERIFY_OPTIONS = (
                  help="Tokens of the cheap fidelity (default: an eighth of the full protocol's)."),
     click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
     click.option("--starts/--no-starts", default=True, show_default=True,
-                 help="With --rounds: first measure the search-free starts at the target (rules of thumb such "
-                      "as MLP-only on LLM-Pruner's layer range, global allocations of the importance, and the "
-                      "least-damage architectures of the sensitivity profile, measured once per base model)."),
+                 help="With --verify: first measure the search-free starts at the target (rules of thumb such "
+                      "as MLP-only on LLM-Pruner's layer range, global allocations of the importance; with "
+                      "--rounds also the least-damage architectures of the sensitivity profile, measured once "
+                      "per base model). One round (--verify K >= 2) measures those ranked best, within K."),
 )
 verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 
@@ -106,7 +108,7 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
                            objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
                            top=top, seed=seed, explain=explain, retrain=not no_retrain, allow_drop=allow_drop)
-    if v.rounds > 1 or v.screen:
+    if v.rounds > 1 or v.screen or (one_round_starts(v) and not server):
         _query_rounds(state, request, v, evaluation, as_json)
         return
     if server:
@@ -221,9 +223,19 @@ def _queue_verify(state: State, doc: dict[str, Any], v: VerifyOptions, evaluatio
     return out
 
 
+def one_round_starts(v: VerifyOptions) -> int:
+    """How many strong starts a one-round ``--verify K`` (K >= 2, on this machine) measures within
+    its K: all but a quarter of K (at least one is the search's own pick); 0 otherwise."""
+    if v.rounds > 1 or v.screen or v.to_queue or not v.starts or v.verify < 2:
+        return 0
+    return v.verify - max(1, v.verify // 4)
+
+
 def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: EvalOptions, as_json: bool) -> None:
     """``query --verify K --rounds R [--screen N]``: ``optimizer.loop.verify_loop`` measuring through
-    one ``Verifier`` (one loaded model)."""
+    one ``Verifier`` (one loaded model). A one-round ``--verify K`` (K >= 2) comes here too: the
+    rules of thumb and global allocations the predictors rank best, then the search's picks, K in
+    all (no sensitivity profile: it would cost more than K full evaluations; it runs with --rounds)."""
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import run_query
     from archopt.optimizer.verify import VerifyError
@@ -239,6 +251,9 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
                             + (" (measured once per base model; later queries reuse it)" if i == 0 else ""))
 
     verifier.on_profile = profiled
+    one_round = one_round_starts(v)
+    if one_round:
+        verifier.with_profile = False   # rules of thumb and allocations only, within the K
 
     def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         if not as_json:
@@ -266,7 +281,8 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     report = verify_loop(state.archive, request, verify=v.verify, rounds=v.rounds, measure=measure,
                          explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None,
                          starts=verifier.strong_starts if v.starts else (),
-                         proposals=verifier.proposals if v.starts else ())
+                         proposals=verifier.proposals if v.starts and not one_round else (),
+                         budget=v.verify if one_round else None, max_starts=one_round or None)
     # the final answer, from predictors that learned from every round
     doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
     doc["verified"] = verified

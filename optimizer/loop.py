@@ -171,8 +171,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 min_distance: float = 0.01,
                 starts: Sequence[Architecture | tuple[str, Architecture]]
                 | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = (),
-                proposals: Sequence[Architecture] | Callable[[dict[str, Any]], Sequence[Architecture]] = ()
-                ) -> LoopReport:
+                proposals: Sequence[Architecture] | Callable[[dict[str, Any]], Sequence[Architecture]] = (),
+                max_starts: int | None = None) -> LoopReport:
     """Run up to ``rounds`` rounds of query -> verify ``verify`` -> retrain (see the module doc).
 
     ``measure(architectures, picks, doc)`` must prune, measure and store the architectures in
@@ -192,7 +192,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     first query document (``doc["target_params"]``) and returns them: e.g. ``lambda doc:
     strong_starts(spec, doc["target_params"], imp.kv_group, imp.channel)``, loading the model
     only once a round needs it.
-    ``proposals``: architectures (or a callable of the round's query document returning them)
+    ``max_starts``: measure at most this many starts (those the predictors rank best; also when
+    ``budget`` leaves fewer). ``proposals``: architectures (or a callable of the round's query document returning them)
     that join each round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
     """
     if not 0.0 <= local <= 1.0:
@@ -225,8 +226,12 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         tm = 0.0
         if r == 0 and starts:
             rows = _start_rows(archive, doc, spec, starts(doc) if callable(starts) else starts)
-            if budget is not None:
-                rows = rows[:budget - spent]
+            cap = min(x for x in (max_starts, None if budget is None else budget - spent, len(rows)) if x is not None)
+            if cap < len(rows):   # the most promising ones, by the predictors
+                def promise(p: dict[str, Any]) -> float:
+                    v = p["predicted"].get(objective)
+                    return sign * v if v is not None and math.isfinite(v) else math.inf
+                rows = sorted(rows, key=promise)[:cap]
             if rows:
                 t = time.perf_counter()
                 measure([from_layer_dicts(spec, p["layers"]) for p in rows], rows, doc)

@@ -107,3 +107,35 @@ def test_rounds_measure_the_strong_starts_first(run_cli, sqlite_url, model_dir, 
     finally:
         archive.close()
     assert len(profiled) >= 4 * 2  # every layer at least: attention and MLP variants
+
+
+@pytest.mark.slow
+def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url, model_dir, data_dir, env):
+    """``query --verify K`` (one round, K >= 2) spends all but a quarter of K on the rules of thumb and
+    global allocations its predictors rank best, the rest on its own top results: K in all, and the
+    answer stands against the best rule measured; ``--verify 1`` and ``--no-starts`` verify the top."""
+    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "6", "--seed", "1", "--importance", "l2",
+                 "--metrics", "ppl_wikitext2", "--max-tokens", "160")
+    assert r.code == 0, r.err
+    args = ("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "85%", "--tolerance", "5%",
+            "--data-dir", str(data_dir), "--importance", "l2", "--device", "cpu", "--seq-len", "16",
+            "--metrics", "ppl_wikitext2", "--json")
+    r = run_cli(*args, "--verify", "3")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    first = doc["rounds"]["rounds"][0]
+    assert len(first["starts"]) == 2 and len(doc["verified"]) == 3
+    assert first["verified"][:2] == first["starts"]
+    archive = Archive(sqlite_url)
+    try:
+        with archive.read() as session:
+            origins = {a.arch_hash: a.origin for a in session.scalars(select(m.Architecture))}
+    finally:
+        archive.close()
+    assert {origins[a] for a in first["starts"]} <= {"rule", "uniform"}
+    assert "profile" not in origins.values()   # one round measures no sensitivity profile
+    assert doc["verification"]["standing"]["best_rule"] is not None
+    for extra in (("--verify", "1"), ("--verify", "2", "--no-starts")):
+        r = run_cli(*args, *extra, "--seed", "3")
+        assert r.code == 0, r.err
+        assert "rounds" not in json.loads(r.out)
