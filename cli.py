@@ -121,6 +121,8 @@ class EvalOptions:
     device: str | None
     dtype: str | None
     max_memory: str | None = None   # as written: 6GB (parsed by ``settings``)
+    kl_text: str = "ptb-train"      # kl_base's calibration text
+    kl_top_k: int = 256             # 0: the whole distribution
 
     def settings(self, seed: int, *, metrics: Sequence[str] | None = None, device: str | None = None) -> Any:
         """``optimizer.campaign.EvalSettings`` (default device: cuda when available, else cpu)."""
@@ -134,7 +136,8 @@ class EvalOptions:
                             data_dir=str(self.data_dir) if self.data_dir else None, seq_len=self.seq_len,
                             max_tokens=self.max_tokens, max_questions=self.max_questions, shots=self.shots,
                             ptb_split=self.ptb_split, importance=self.importance, device=device, dtype=self.dtype,
-                            seed=seed, max_memory=memory_size(self.max_memory))
+                            seed=seed, max_memory=memory_size(self.max_memory), kl_text=self.kl_text,
+                            kl_top_k=self.kl_top_k or None)
 
 
 def quiet_libraries() -> None:
@@ -170,18 +173,27 @@ def metric_list(text: str) -> tuple[str, ...]:
 
 EVAL_OPTIONS = (
     click.option("--metrics", default="ppl_wikitext2,ppl_ptb", show_default=True,
-                 help="Comma-separated: ppl_wikitext2, ppl_ptb, mmlu."),
+                 help="Comma-separated: ppl_wikitext2, ppl_ptb, mmlu, kl_base (KL divergence from the base "
+                      "model's next-token distribution)."),
     click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Local data laid out like ../shared/data (default: Hugging Face datasets)."),
     click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True,
                  help="Perplexity window (LLM-Pruner and the paper use 128)."),
     click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-                 help="Evaluate perplexity on the first T tokens only (recorded in the protocol)."),
+                 help="Evaluate perplexity on the first T tokens only (recorded in the protocol); kl_base reads "
+                      "the first T of its text (default 32768)."),
     click.option("--max-questions", type=click.IntRange(min=1), default=None,
                  help="MMLU questions per run (recorded in the protocol)."),
     click.option("--shots", type=click.IntRange(min=0), default=5, show_default=True, help="MMLU shots."),
     click.option("--ptb-split", type=click.Choice(["validation", "test"]), default="validation",
                  show_default=True, help="PTB split (LLM-Pruner reports validation)."),
+    click.option("--kl-text", type=click.Choice(["ptb-train", "wikitext2-validation"]), default="ptb-train",
+                 show_default=True,
+                 help="kl_base's calibration text (never a split perplexities are reported on; WikiText-2 raw "
+                      "validation comes from the hub or DIR/wikitext-2/wiki.valid.raw)."),
+    click.option("--kl-top-k", type=click.IntRange(min=0), default=256, show_default=True,
+                 help="kl_base keeps the base's K most likely tokens per position, the rest as one tail bucket "
+                      "(a lower bound of the KL; recorded in the protocol); 0: the whole distribution."),
     click.option("--importance", type=click.Choice(["taylor", "l2"]), default="taylor", show_default=True,
                  help="What pruning keeps: first-order Taylor (needs gradients) or L2 magnitude."),
     click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),

@@ -16,7 +16,8 @@ from typing import Any
 from .errors import ArchoptError
 from .metrics import EVALUATED, metric_info
 
-METRICS = EVALUATED
+# what ``archopt evaluate`` measures: the registry's evaluated metrics and kl_base (``evaluators.kl``)
+METRICS = tuple(dict.fromkeys((*EVALUATED, "kl_base")))
 # float formats the model computed in; q8_0 is llama.cpp's 8-bit weight format (runtime "llama.cpp")
 PRECISIONS = ("float32", "bfloat16", "float16", "float64", "q8_0")
 DEFAULT_PRECISION = "float32"

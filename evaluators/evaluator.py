@@ -10,16 +10,17 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from archopt.archdb.arch import Architecture
-from archopt.archdb.metrics import EVALUATED
-from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement
+from archopt.archdb.protocol import DEFAULT_PRECISION, METRICS, Measurement
 
 from .importance import Importance
+from .kl import DEFAULT_TEXT, DEFAULT_TOP_K, KLBaseTask
+from .kl import METRIC as KL_METRIC
 from .loading import BaseModel, activation_budget, free_device_memory, model_device, param_bytes, release_memory
 from .mmlu import MmluTask
 from .perplexity import PerplexityTask
 from .pruning import prune_model, sliced_bytes
 
-METRICS = EVALUATED
+Task = PerplexityTask | MmluTask | KLBaseTask
 
 
 def free_memory(device: torch.device | str | None = None) -> None:
@@ -32,12 +33,18 @@ def free_memory(device: torch.device | str | None = None) -> None:
 
 
 class Evaluator:
-    """Tasks for ``metrics`` (``ppl_wikitext2``, ``ppl_ptb``, ``mmlu``), tokenized once at construction.
+    """Tasks for ``metrics`` (``ppl_wikitext2``, ``ppl_ptb``, ``mmlu``, ``kl_base``), tokenized once at
+    construction.
 
     ``precision``: what the models will compute in (``perplexity.precision_of(model)``), so that the
     tasks' protocols, and their keys, are known before anything runs; a model that runs in another
     precision still gets measurements under the protocol of its own. ``metric_tokens``: perplexity
-    metrics that read their own number of tokens instead of ``max_tokens``.
+    (and ``kl_base``) metrics that read their own number of tokens instead of ``max_tokens``.
+
+    ``kl_base`` (``kl.KLBaseTask``): the calibration text ``kl_text`` (a name of ``kl.KL_TEXTS``),
+    ``max_tokens`` of it (default ``kl.DEFAULT_TOKENS``), the base's top ``kl_top_k`` tokens (None:
+    all). Its reference is the base model's own distribution, computed from the unpruned base by
+    ``prepare`` (``evaluate_architecture`` calls it before pruning) and cached in ``reference_dir``.
 
     Memory: ``max_memory`` (bytes the process may use; default: automatic, ``loading.activation_budget``)
     sizes the perplexity batches, and decides how a pruned model is built: its sliced projections
@@ -51,7 +58,8 @@ class Evaluator:
                  max_questions: int | None = None, shots: int = 5, ptb_split: str = "validation",
                  batch_size: int | None = None, cache_dir: str | Path | None = None,
                  precision: str = DEFAULT_PRECISION, metric_tokens: Mapping[str, int] | None = None,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None, kl_text: str = DEFAULT_TEXT, kl_top_k: int | None = DEFAULT_TOP_K,
+                 reference_dir: str | Path | None = None) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             close = difflib.get_close_matches(unknown[0], METRICS, n=1)
@@ -61,11 +69,16 @@ class Evaluator:
             raise ValueError("no metric to evaluate")
         self.metrics = list(dict.fromkeys(metrics))
         self.max_memory = max_memory
-        self.tasks: dict[str, PerplexityTask | MmluTask] = {}
+        self.tasks: dict[str, Task] = {}
         for metric in self.metrics:
             if metric == "mmlu":
                 self.tasks[metric] = MmluTask.prepare(tokenizer, data_dir=data_dir, shots=shots,
                                                       max_questions=max_questions, precision=precision)
+            elif metric == KL_METRIC:
+                self.tasks[metric] = KLBaseTask.prepare(
+                    tokenizer, text=kl_text, data_dir=data_dir, seq_len=seq_len,
+                    max_tokens=(metric_tokens or {}).get(metric, max_tokens), top_k=kl_top_k, batch_size=batch_size,
+                    cache_dir=cache_dir, reference_dir=reference_dir, precision=precision)
             else:
                 self.tasks[metric] = PerplexityTask.prepare(
                     tokenizer, metric, data_dir=data_dir, split=ptb_split if metric == "ppl_ptb" else None,
@@ -78,9 +91,15 @@ class Evaluator:
         """Tokens one ``evaluate`` puts through a model: the budget unit of search comparisons."""
         return sum(task.forwarded_tokens for task in self.tasks.values())
 
+    def prepare(self, base: BaseModel) -> int:
+        """Make the tasks that compare with the base model (``kl_base``) ready for ``base``: its
+        reference, from the cache or computed from the unpruned base. Returns how many were computed."""
+        return sum(task.prepare_reference(base) for task in self.tasks.values() if isinstance(task, KLBaseTask))
+
     def evaluate(self, model: torch.nn.Module, budget: int | None = None) -> list[Measurement]:
         """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject.
-        ``budget``: bytes of activations a batch may hold (default: from ``max_memory`` and ``model``)."""
+        ``budget``: bytes of activations a batch may hold (default: from ``max_memory`` and ``model``).
+        With ``kl_base``, ``prepare(base)`` must have run for the base ``model`` was pruned from."""
         budget = budget or activation_budget(model, self.max_memory)
         out: list[Measurement] = []
         for task in self.tasks.values():
@@ -102,7 +121,9 @@ class Evaluator:
 
     def evaluate_architecture(self, base: BaseModel, arch: Architecture,
                               importance: Importance | None) -> list[Measurement]:
-        """Prune ``base`` to ``arch``, measure it, and free the pruned model before returning."""
+        """Prune ``base`` to ``arch``, measure it, and free the pruned model before returning (the
+        base's references are prepared first, from the unpruned base)."""
+        self.prepare(base)
         budget = activation_budget(base.model, self.max_memory)
         model = prune_model(base, arch, importance, lazy=self.lazy_pruning(base, arch, budget))
         device = model_device(model)

@@ -22,16 +22,23 @@ Without ``top_k`` the reference holds ``tokens x vocab`` float32 values (8,192 t
 
 Windows may be chosen per call (``windows=``: indices into the prepared ones), so a search can
 score candidates on a few windows and the survivors on more, all against one reference.
+
+``KLBaseTask`` is ``kl_base`` as a metric of ``archopt evaluate`` (an ``Evaluator`` task): a
+calibration text of ``KL_TEXTS`` (PTB train by default, never a split perplexities are reported
+on), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
+tokens per position; its protocol records all of them and the precision of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -40,17 +47,24 @@ import torch
 import torch.nn.functional as F
 
 import archopt
-from archopt.archdb.protocol import Measurement, Protocol
+from archopt.archdb.protocol import DEFAULT_PRECISION, Measurement, Protocol
 
 from . import data
 from .loading import BaseModel, model_device
-from .perplexity import LOGITS_BUDGET, MAX_BATCH_TOKENS, autocast_for, cut_windows, device_label
+from .perplexity import (LOGITS_BUDGET, MAX_BATCH_TOKENS, autocast_for, batch_tokens, cut_windows, device_label,
+                         protocol_for)
 from .tokenization import encode_text, text_sha256, tokenizer_hash, tokenizer_name
 
 METRIC = "kl_base"
 KEY_VERSION = 1
+# ``--kl-text`` name -> (dataset, split): calibration texts, never a split perplexities are reported on
+KL_TEXTS = {"ptb-train": (data.PTB, "train"), "wikitext2-validation": (data.WIKITEXT2, "validation")}
+DEFAULT_TEXT = "ptb-train"       # in ../shared/data and on the hub (WikiText-2 raw validation: hub only)
+DEFAULT_TOKENS = 32768           # kl_base's tokens when ``max_tokens`` is not given
+DEFAULT_TOP_K = 256              # 32,768 tokens x 256: 64 MiB of reference, whatever the vocabulary
 
-__all__ = ["METRIC", "KLTask", "kl_from_logits"]
+__all__ = ["DEFAULT_TEXT", "DEFAULT_TOKENS", "DEFAULT_TOP_K", "KL_TEXTS", "METRIC", "KLBaseTask", "KLTask",
+           "kl_from_logits"]
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,25 +203,32 @@ class KLTask:
         return True
 
     # ----- measuring -----------------------------------------------------------------------------
-    def _batch_size(self, model: torch.nn.Module) -> int:
+    def _batch_size(self, model: torch.nn.Module, memory_budget: int | None = None) -> int:
+        """Windows per batch: ``batch_size`` when set, else within ``LOGITS_BUDGET`` logits and, with
+        ``memory_budget``, within that many bytes of activations (``perplexity.batch_tokens``)."""
         if self.batch_size:
             return self.batch_size
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 32000) or 32000)
-        return max(1, min(MAX_BATCH_TOKENS // self.seq_len, LOGITS_BUDGET // (self.seq_len * vocab)))
+        windows = min(MAX_BATCH_TOKENS // self.seq_len, LOGITS_BUDGET // (self.seq_len * vocab))
+        if memory_budget:
+            windows = min(windows, batch_tokens(model, self.seq_len, memory_budget) // self.seq_len)
+        return max(1, windows)
 
-    def _logits(self, model: torch.nn.Module, windows: Sequence[int]) -> Iterator[torch.Tensor]:
+    def _logits(self, model: torch.nn.Module, windows: Sequence[int],
+                memory_budget: int | None = None) -> Iterator[torch.Tensor]:
         """Logits [batch, seq_len, vocab] of ``model`` on ``windows``, batch after batch, in order
         (callers hold ``_no_grad(model)`` around the loop)."""
         device = model_device(model)
-        batch = self._batch_size(model)
+        batch = self._batch_size(model, memory_budget)
         order = [int(w) for w in windows]
         for start in range(0, len(order), batch):
             ids = self.windows[order[start: start + batch]].to(device, non_blocking=True)
             yield model(input_ids=ids, use_cache=False).logits
 
-    def mean_kl(self, model: torch.nn.Module, windows: Sequence[int] | None = None) -> float:
+    def mean_kl(self, model: torch.nn.Module, windows: Sequence[int] | None = None, *,
+                memory_budget: int | None = None) -> float:
         """Mean KL(base || ``model``) per token over ``windows`` (indices; default all); inf when
-        the model's outputs are not finite."""
+        the model's outputs are not finite. ``memory_budget``: bytes of activations a batch may hold."""
         if self.ref_logp is None:
             raise RuntimeError("prepare_reference(base) must run before mean_kl")
         order = list(range(self.n_windows)) if windows is None else [int(w) for w in windows]
@@ -216,9 +237,9 @@ class KLTask:
         if min(order) < 0 or max(order) >= self.n_windows:
             raise ValueError(f"window index outside 0..{self.n_windows - 1}")
         total = 0.0
-        batch = self._batch_size(model)
+        batch = self._batch_size(model, memory_budget)
         with _no_grad(model):
-            for n, logits in enumerate(self._logits(model, order)):
+            for n, logits in enumerate(self._logits(model, order, memory_budget)):
                 rows = order[n * batch: (n + 1) * batch]
                 ref = self.ref_logp[rows].to(logits.device)
                 idx = self.ref_idx[rows].to(logits.device) if self.ref_idx is not None else None
@@ -234,3 +255,63 @@ class KLTask:
         value = self.mean_kl(model, windows)
         return Measurement(metric=self.metric, value=value, protocol=self.protocol(windows),
                            device=device_label(model_device(model)), duration_s=time.perf_counter() - started)
+
+
+class KLBaseTask:
+    """``kl_base`` as an ``Evaluator`` task: a ``KLTask`` whose ``protocol`` is the run's (its
+    precision included) and whose reference is the base model's, prepared once per base model
+    (``prepare_reference``, from the unpruned base, before any architecture of it is pruned) and
+    cached on disk under ``reference_dir`` by (base model, text, tokens, seq_len, top-k)."""
+
+    metric = METRIC
+
+    def __init__(self, task: KLTask, *, precision: str = DEFAULT_PRECISION,
+                 reference_dir: str | Path | None = None) -> None:
+        self.task = task
+        self.reference_dir = reference_dir
+        self.protocol = dataclasses.replace(task.protocol(), precision=precision)
+        self.references_computed = 0    # references this task computed (0 when read from the cache)
+        self._base: weakref.ref[BaseModel] | None = None   # the base model the reference belongs to
+
+    @classmethod
+    def prepare(cls, tokenizer: Any, *, text: str = DEFAULT_TEXT, data_dir: str | Path | None = None,
+                seq_len: int = 128, max_tokens: int | None = None, top_k: int | None = DEFAULT_TOP_K,
+                batch_size: int | None = None, cache_dir: str | Path | None = None,
+                reference_dir: str | Path | None = None, precision: str = DEFAULT_PRECISION) -> "KLBaseTask":
+        """The calibration text ``text`` (a name of ``KL_TEXTS``) tokenized once (``cache_dir``), its
+        first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``) in windows of ``seq_len``; ``top_k``
+        None or 0: the whole distribution."""
+        if text not in KL_TEXTS:
+            raise ValueError(f"unknown KL calibration text {text!r}: use {', '.join(KL_TEXTS)}")
+        dataset, split = KL_TEXTS[text]
+        task = KLTask.prepare(tokenizer, dataset, split, data_dir=data_dir, seq_len=seq_len,
+                              max_tokens=DEFAULT_TOKENS if max_tokens is None else max_tokens, top_k=top_k or None,
+                              batch_size=batch_size, cache_dir=cache_dir)
+        return cls(task, precision=precision, reference_dir=reference_dir)
+
+    @property
+    def forwarded_tokens(self) -> int:
+        """Tokens one evaluation puts through the model (every window; the reference pass aside)."""
+        return self.task.tokens
+
+    def prepare_reference(self, base: BaseModel) -> bool:
+        """Make ``base``'s reference ready: kept from the last call for the same base, else read from
+        ``reference_dir`` or computed (and written there). Returns True when it was computed."""
+        if self._base is not None and self._base() is base and self.task.ref_logp is not None:
+            return False
+        computed = self.task.prepare_reference(base, self.reference_dir)
+        self._base = weakref.ref(base)
+        self.references_computed += int(computed)
+        return computed
+
+    def evaluate(self, model: torch.nn.Module, memory_budget: int | None = None) -> Measurement:
+        """Mean KL(base || ``model``) per token on every window; a model whose outputs are not
+        finite gives a measurement whose ``failed`` says so."""
+        if self.task.ref_logp is None:
+            raise RuntimeError("kl_base needs the base model's reference: Evaluator.prepare(base) first")
+        started = time.perf_counter()
+        value = self.task.mean_kl(model, memory_budget=memory_budget)
+        failed = None if math.isfinite(value) else "diverged: the model's next-token distributions are not finite"
+        return Measurement(metric=self.metric, value=value, protocol=protocol_for(self.protocol, model),
+                           device=device_label(model_device(model)), duration_s=time.perf_counter() - started,
+                           failed=failed)

@@ -47,6 +47,8 @@ class EvalSettings:
     dtype: str | None = None
     seed: int = 0
     max_memory: int | None = None   # bytes the run may use (batches, pruned copies); None: automatic
+    kl_text: str = "ptb-train"     # kl_base's calibration text (``evaluators.kl.KL_TEXTS``)
+    kl_top_k: int | None = 256     # kl_base's reference keeps the base's top k tokens; None: all of them
 
 
 @dataclass
@@ -89,7 +91,8 @@ class CampaignReport:
 
 
 def cache_dir() -> Path:
-    """Where importance scores and tokenized texts are cached (``ARCHOPT_CACHE`` or ~/.cache/archopt)."""
+    """Where importance scores, tokenized texts (``tokens/``) and the base models' KL references
+    (``kl/``) are cached (``ARCHOPT_CACHE`` or ~/.cache/archopt)."""
     return Path(os.environ.get("ARCHOPT_CACHE") or Path.home() / ".cache" / "archopt")
 
 
@@ -114,7 +117,8 @@ def make_evaluator(tokenizer: Any, settings: EvalSettings) -> Any:
                         max_tokens=settings.max_tokens, max_questions=settings.max_questions, shots=settings.shots,
                         ptb_split=settings.ptb_split, cache_dir=cache_dir() / "tokens",
                         precision=run_precision(settings), metric_tokens=dict(settings.metric_tokens),
-                        max_memory=settings.max_memory)
+                        max_memory=settings.max_memory, kl_text=settings.kl_text, kl_top_k=settings.kl_top_k,
+                        reference_dir=cache_dir() / "kl")
 
 
 class Campaign:
@@ -160,12 +164,14 @@ class Campaign:
         return self.screener.tasks[metric].protocol.key()
 
     def cheap_evaluator(self, metric: str, tokens: int | None = None) -> Any:
-        """The evaluator of a cheap fidelity of ``metric``: the same text and window on its first
-        ``tokens`` tokens (default: an eighth of the full protocol's, at least 8 windows)."""
-        from archopt import evaluators as ev
+        """The evaluator of a cheap fidelity of ``metric`` (a perplexity or ``kl_base``): the same
+        text and window on its first ``tokens`` tokens (default: an eighth of the full protocol's,
+        at least 8 windows); a ``kl_base`` fidelity compares with the base's reference on those tokens."""
+        import dataclasses
         task = self.evaluator.tasks.get(metric)
-        if task is None or not metric.startswith("ppl"):
-            raise CampaignError(f"a cheap fidelity needs a perplexity metric that this run measures, not {metric!r}")
+        if task is None or not (metric.startswith("ppl") or metric == "kl_base"):
+            raise CampaignError(f"a cheap fidelity needs a perplexity or kl_base metric that this run measures, "
+                                f"not {metric!r}")
         full_tokens = int(task.protocol.tokens or 0)
         seq = int(task.protocol.seq_len or self.settings.seq_len)
         if tokens is None:
@@ -173,9 +179,8 @@ class Campaign:
         if tokens >= full_tokens:
             raise CampaignError(f"a cheap fidelity reads fewer tokens than the full protocol ({full_tokens:,}); "
                                 f"got {tokens:,}")
-        return ev.Evaluator(self.base.tokenizer, [metric], data_dir=self.settings.data_dir, seq_len=seq,
-                            max_tokens=tokens, ptb_split=self.settings.ptb_split, cache_dir=cache_dir() / "tokens",
-                            precision=run_precision(self.settings), max_memory=self.settings.max_memory)
+        cheap = dataclasses.replace(self.settings, metrics=(metric,), seq_len=seq, max_tokens=tokens, metric_tokens=())
+        return make_evaluator(self.base.tokenizer, cheap)
 
     def cheap_values(self, archs: Sequence[Architecture], metric: str, evaluator: Any, origin: str,
                      on_result: Callable[[int, int, ArchResult], Any] | None = None) -> list[float | None]:

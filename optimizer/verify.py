@@ -94,8 +94,8 @@ def metric_protocols(archive: Archive, doc: dict[str, Any], metrics: Sequence[st
 
 
 def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSettings) -> dict[str, Any]:
-    """The ``EvalSettings`` fields that decide ``metric``'s protocol (``tokens``: a perplexity's own
-    token count, for ``metric_tokens``); fields it ignores keep the defaults so that metrics of one
+    """The ``EvalSettings`` fields that decide ``metric``'s protocol (``tokens``: a perplexity's or
+    ``kl_base``'s own token count, for ``metric_tokens``; ``kl_base``'s text and top-k); fields it ignores keep the defaults so that metrics of one
     protocol family group together. A protocol's precision decides the dtype unless the command
     line chose one."""
     options: dict[str, Any] = {}
@@ -106,6 +106,14 @@ def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSetti
             options.update(seq_len=p.get("seq_len") or defaults.seq_len, tokens=p.get("tokens"))
         if metric == "ppl_ptb" and p is not None and p.get("split") in ("validation", "test"):
             options["ptb_split"] = p["split"]
+    elif metric == "kl_base" and p is not None:
+        from archopt.evaluators.kl import KL_TEXTS   # only when a kl_base protocol is in play
+        text = next((name for name, (dataset, split) in KL_TEXTS.items()
+                     if dataset == p.get("dataset") and split == p.get("split")), None)
+        options.update(seq_len=p.get("seq_len") or defaults.seq_len, tokens=p.get("tokens"),
+                       kl_top_k=int((p.get("extra") or {}).get("top_k") or 0) or None)
+        if text is not None:
+            options["kl_text"] = text
     elif metric == "mmlu" and p is not None:
         options.update(max_questions=p.get("questions"),
                        shots=p["shots"] if p.get("shots") is not None else defaults.shots)
