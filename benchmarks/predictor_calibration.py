@@ -14,6 +14,11 @@ beside the same band before calibration and the cross-validated estimate stored 
 predictor. The nominal share is one Gaussian sigma, 68.3%; the goal is within 7 points, pooled
 over the splits.
 
+``--profile``: the predictor also gets the sensitivity profile the archive holds (the single-layer
+variants ``archopt evaluate --params P --starts`` or ``query --rounds`` measure on a cheap
+fidelity): its ``damage_*`` features and the ``profile_trees`` candidate, as ``archopt query``
+trains it then.
+
 ``--cache`` reads measured architectures from a benchmark work folder's measurement cache instead
 (``benchmarks/search_measure.py``'s ``measure-cache.sqlite``, entries of kind ``full``); the
 archive then only supplies the base model's shape.
@@ -76,10 +81,25 @@ def cache_rows(path: str, spec: Any, metric: str) -> tuple[list[Any], np.ndarray
     return archs, np.array(values), {"cache": path}
 
 
+def stored_profile_of(db: str, model: str, metric: str) -> tuple[Any, dict[str, Any]]:
+    """The archive's sensitivity profile of ``model`` for ``metric`` (``optimizer.training``)."""
+    from archopt.optimizer.training import stored_profile
+    archive = Archive(db)
+    try:
+        with archive.read() as session:
+            base = reads.get_base_model(session, model)
+            found = stored_profile(session, base, metric, reads.default_protocol(session, base, metric))
+            if found is None:
+                raise SystemExit(f"{db} holds no sensitivity profile of {model} for {metric}")
+            return found[0], {"protocol": reads.protocol_dict(session, found[1]), "variants": found[2]}
+    finally:
+        archive.close()
+
+
 def run(archs: list[Any], y: np.ndarray, spec: Any, metric: str, sizes: list[int], splits: int,
-        test_share: float, seed: int) -> list[dict[str, Any]]:
+        test_share: float, seed: int, profile: Any = None) -> list[dict[str, Any]]:
     """One point per training size: tau and coverage over ``splits`` random splits."""
-    fz = Featurizer.for_spec(spec, "model")
+    fz = Featurizer.for_spec(spec, "model", profile=profile)
     X = fz.transform(encode(archs, spec))
     n = len(y)
     n_test = max(10, int(round(n * test_share)))
@@ -126,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--test-share", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="A search benchmark's measure-cache.sqlite instead of the archive.")
+    ap.add_argument("--profile", action="store_true", help="Use the archive's sensitivity profile as features.")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -134,9 +155,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         archs, y, source = (*cache_rows(args.cache, spec, args.metric),)
     if len(y) < 20:
         raise SystemExit(f"only {len(y)} measured architectures: at least 20 are needed")
+    profile = None
+    if args.profile:
+        profile, source["profile"] = stored_profile_of(args.db, args.model, args.metric)
     started = time.perf_counter()
     points = run(archs, y, spec, args.metric, [int(s) for s in args.train.split(",")], args.splits,
-                 args.test_share, args.seed)
+                 args.test_share, args.seed, profile)
     doc = {"model": args.model, "metric": args.metric, "architectures": len(y), "source": source,
            "nominal_coverage": LEVEL, "goal_points": GOAL_POINTS, "points": points,
            "seconds": round(time.perf_counter() - started, 1),
