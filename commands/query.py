@@ -251,6 +251,7 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
                             + (" (measured once per base model; later queries reuse it)" if i == 0 else ""))
 
     verifier.on_profile = profiled
+    verifier.allow_drop = request.allow_drop
     one_round = one_round_starts(v)
     if one_round:
         verifier.with_profile = False   # rules of thumb and allocations only, within the K

@@ -242,6 +242,7 @@ class Verifier:
         self.screen_tokens: int | None = None
         self.with_profile = True                      # strong_starts measures and solves the profile
         self.proposal_count = PROPOSALS               # the profile's next-best solutions offered per round
+        self.allow_drop = False                       # profile starts and proposals may drop layers (--allow-drop)
         self._solutions: dict[tuple[int, int], list[Architecture]] = {}
         self.on_profile: OnResult | None = None       # progress of the profile's measurements
 
@@ -293,7 +294,7 @@ class Verifier:
         found = strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
         profile = self.profile(doc) if self.with_profile else None
         if profile is not None:
-            found += profile_starts(profile, *doc["window"])
+            found += profile_starts(profile, *doc["window"], allow_drop=self.allow_drop)
         return found
 
     def proposals(self, doc: dict[str, Any]) -> list[Architecture]:
@@ -304,7 +305,7 @@ class Verifier:
         if (lo, hi) not in self._solutions:
             from .profile import profile_solutions
             profile = self.profile(doc) if self.with_profile and self.proposal_count else None
-            self._solutions[(lo, hi)] = (profile_solutions(profile, lo, hi, self.proposal_count)
+            self._solutions[(lo, hi)] = (profile_solutions(profile, lo, hi, self.proposal_count, self.allow_drop)
                                          if profile is not None else [])
         return self._solutions[(lo, hi)]
 

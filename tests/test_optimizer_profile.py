@@ -62,6 +62,12 @@ def test_solve_drops_a_layer_when_that_is_cheapest():
     target = int(DEEP.total_params * 0.8)
     arch = solve(profile, int(target * 0.98), target)
     assert arch is not None and any(layer.dropped for layer in arch.layers)
+    # starts and proposals follow the search: no dropped layer unless allowed (query --allow-drop)
+    kept = solve(profile, int(target * 0.98), target, allow_drop=False)
+    assert kept is not None and not any(layer.dropped for layer in kept.layers)
+    assert not any(l.dropped for _, a in profile_starts(profile, int(target * 0.98), target) for l in a.layers)
+    assert any(l.dropped for _, a in profile_starts(profile, int(target * 0.98), target, allow_drop=True)
+               for l in a.layers)
 
 
 def test_solve_says_none_when_nothing_fits():
@@ -84,5 +90,5 @@ def test_profile_starts_are_the_best_distinct_solutions():
     target = int(DEEP.total_params * 0.6)
     starts = profile_starts(profile, int(target * 0.98), target, n=3)
     assert [name for name, _ in starts] == ["profile-1", "profile-2", "profile-3"]
-    assert starts[0][1] == solve(profile, int(target * 0.98), target)
+    assert starts[0][1] == solve(profile, int(target * 0.98), target, allow_drop=False)
     assert len({arch for _, arch in starts}) == 3
