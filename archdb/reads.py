@@ -61,13 +61,17 @@ def default_protocol(session: Session, base: m.BaseModel, metric: str) -> int | 
     """The protocol with the most live evaluations of ``metric`` on ``base`` (ties: the newest),
     leaving out cheap fidelities (``Protocol.is_cheaper_fidelity_of``) of another protocol that
     has values: screening measures many architectures on a few tokens, but the full protocol stays
-    the one predictors and answers are about."""
+    the one predictors and answers are about. Measurements of another runtime (llama.cpp, as
+    ``archopt evaluate --runtime llama.cpp`` stores them) count only when there is nothing else:
+    archopt verifies and searches in transformers."""
     q = (select(m.Evaluation.protocol_id, func.count().label("n"), func.max(m.Evaluation.id).label("last"))
          .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
+         .join(m.Protocol, m.Protocol.id == m.Evaluation.protocol_id)
          .where(m.Architecture.base_model_id == base.id, m.Evaluation.metric == metric,
                 m.Evaluation.retracted_at.is_(None))
-         .group_by(m.Evaluation.protocol_id)
-         .order_by(func.count().desc(), func.max(m.Evaluation.id).desc()))
+         .group_by(m.Evaluation.protocol_id, m.Protocol.runtime)
+         .order_by((m.Protocol.runtime != "transformers").asc(), func.count().desc(),
+                   func.max(m.Evaluation.id).desc()))
     rows = [(int(pid), int(n)) for pid, n, _ in session.execute(q)]
     if len(rows) <= 1:
         return rows[0][0] if rows else None

@@ -233,7 +233,7 @@ def prune(state: State, model_ref: str, arch_text: str, out_dir: Path, out_forma
         raise UserError(f"architecture {arch.arch_id(name)[:12]} was measured with {importance} importance calibrated "
                         f"on {label}, this prune calibrates on {imp.calibration_label()}: pass the --data-dir it "
                         "was measured with")
-    model = ev.prune_model(base, arch, imp, lazy=out_format == "dir")  # dir: slices formed as they are written
+    model = ev.prune_model(base, arch, imp, lazy=True)  # slices formed as they are written (gguf: via a directory)
     if out_format == "gguf":
         from archopt.commands.gguf import write_gguf
         write_gguf(state, model, base, arch, imp, out_dir, outtype, name)

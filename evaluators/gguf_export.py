@@ -334,7 +334,7 @@ def export_gguf(directory: str | Path, out: str | Path, outtype: str = DEFAULT_O
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
+    writer = gguf.GGUFWriter(str(tmp), ARCH, use_temp_file=True)  # tensors spill to disk as they are added
     n_tensors = 0
     try:
         with _quiet_gguf(), safe_open(str(weights), framework="pt") as f:

@@ -21,6 +21,7 @@ strictly. Both loaders give identical logits.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
@@ -114,16 +115,20 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Any], dtype: torch
     raw += b" " * (-len(raw) % 8)
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for name, t in tensors.items():
-            value = t.materialize() if isinstance(t, DeferredTensor) else t
-            value = value.detach().to("cpu", out_dtype(t)).contiguous()
-            if value.numel():
-                fh.write(value.reshape(-1).view(torch.uint8).numpy())
-            del value
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            for name, t in tensors.items():
+                value = t.materialize() if isinstance(t, DeferredTensor) else t
+                value = value.detach().to("cpu", out_dtype(t)).contiguous()
+                if value.numel():
+                    fh.write(value.reshape(-1).view(torch.uint8).numpy())
+                del value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class DeferredTensor:
@@ -146,22 +151,22 @@ class DeferredTensor:
         return weight if self.which == "weight" else bias
 
 
-_DEFERRING = [False]
+_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("archopt_deferred_state", default=False)
 
 
 class deferred_state:
     """Within the block, ``state_dict()`` of a lazily pruned model holds ``DeferredTensor``s for its
-    sliced projections instead of forming them all at once."""
+    sliced projections instead of forming them all at once (this thread or task only)."""
 
     def __enter__(self) -> None:
-        _DEFERRING.append(True)
+        self._token = _DEFERRING.set(True)
 
     def __exit__(self, *exc: Any) -> None:
-        _DEFERRING.pop()
+        _DEFERRING.reset(self._token)
 
 
 def deferring() -> bool:
-    return _DEFERRING[-1]
+    return _DEFERRING.get()
 
 
 def save_pruned(model: nn.Module, base: BaseModel, arch: Architecture,

@@ -254,8 +254,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         near = _neighbour_rows(archive, doc, spec, objective, pool, request.seed + 7919 * (r + 1)) if local else []
         if proposals and local:
             offered = proposals(doc) if callable(proposals) else proposals
+            taken = chosen | {row["arch_id"] for row in near}
             near += [{**{k: v for k, v in row.items() if k != "start"}, "origin": "proposal"}
-                     for row in _start_rows(archive, doc, spec, list(offered)) if row["arch_id"] not in chosen]
+                     for row in _start_rows(archive, doc, spec, list(offered)) if row["arch_id"] not in taken]
 
         def candidates(n: int, skip: set[str]) -> list[dict[str, Any]]:
             """``n`` fresh, mutually distinct candidates: ``local`` of them from the neighbourhood,

@@ -114,17 +114,19 @@ class Profile:
         """Per-layer damage lookup tables: ``attn [L, KV + 1]`` by KV groups kept, ``mlp [L, I + 1]``
         by channels kept and ``drop [L]``. Unmeasured levels are interpolated linearly between
         measured ones (the full layer costs 0) and extrapolated from the last measured segment
-        below the narrowest (never below 0); an unmeasured drop costs the layer's narrowest
+        below the narrowest; a layer with no measured level of a kind (its runs failed) costs, at
+        each level, the most any layer costs there; an unmeasured drop costs the layer's narrowest
         attention and MLP together."""
         spec = self.spec
         L, KV, inter = spec.num_layers, spec.num_kv_heads, spec.intermediate_size
-        attn = np.zeros((L, KV + 1))
-        mlp = np.zeros((L, inter + 1))
-        drop = np.zeros(L)
-        for layer in range(L):
-            attn[layer] = _curve([(kv, d) for (l, kv), d in self.attn.items() if l == layer], KV)
-            mlp[layer] = _curve([(w, d) for (l, w), d in self.mlp.items() if l == layer], inter)
-            drop[layer] = self.drop.get(layer, attn[layer, 1] + mlp[layer, 0])
+        attn = np.stack([_curve([(kv, d) for (l, kv), d in self.attn.items() if l == layer], KV)
+                         for layer in range(L)])
+        mlp = np.stack([_curve([(w, d) for (l, w), d in self.mlp.items() if l == layer], inter)
+                        for layer in range(L)])
+        for table in (attn, mlp):
+            missing = np.isnan(table).all(axis=1)
+            table[missing] = np.nanmax(table[~missing], axis=0) if (~missing).any() else 0.0
+        drop = np.array([self.drop.get(layer, attn[layer, 1] + mlp[layer, 0]) for layer in range(L)])
         return attn, mlp, drop
 
     def damage_parts(self, kv: np.ndarray, inter: np.ndarray) -> np.ndarray:
@@ -155,17 +157,19 @@ class Profile:
 
 
 def _curve(points: Sequence[tuple[int, float]], full: int) -> np.ndarray:
-    """Damage at every level ``0..full`` from measured ``(level, damage)`` points and ``(full, 0)``."""
+    """Damage at every level ``0..full`` from measured ``(level, damage)`` points and ``(full, 0)``;
+    all NaN without a measured point. Never below the least measured damage (or 0)."""
+    if not points:
+        return np.full(full + 1, np.nan)
     pts = sorted(set(points) | {(full, 0.0)})
     levels = np.array([p[0] for p in pts], dtype=float)
     damages = np.array([p[1] for p in pts], dtype=float)
     grid = np.arange(full + 1, dtype=float)
     out = np.interp(grid, levels, damages)
-    if len(pts) >= 2:
-        below = grid < levels[0]
-        slope = (damages[1] - damages[0]) / (levels[1] - levels[0])
-        out[below] = damages[0] + slope * (grid[below] - levels[0])
-    return np.maximum(out, 0.0) if damages.min() >= 0 else out
+    below = grid < levels[0]
+    slope = (damages[1] - damages[0]) / (levels[1] - levels[0])
+    out[below] = damages[0] + slope * (grid[below] - levels[0])
+    return np.maximum(out, min(0.0, float(damages.min())))
 
 
 def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | None = None,

@@ -165,3 +165,35 @@ def test_a_stored_profile_reaches_the_next_predictor_version(archive):
         assert session.get(m.Protocol, row.trained_on["profile"]["protocol_id"]).tokens == 1024
     mean, _ = second.predictor.predict_architectures(fill.__globals__["random_archive"](SPEC, 5, 9))
     assert np.isfinite(mean).all()
+
+
+def test_a_layer_without_measured_variants_costs_the_most_any_layer_costs():
+    """Failed runs leave no value: such a layer must not look free to prune."""
+    profile = measured_profile(SPEC, seed=6)
+    attn = {k: v for k, v in profile.attn.items() if k[0] != 2}
+    mlp = {k: v for k, v in profile.mlp.items() if k[0] != 2}
+    attn_t, mlp_t, _ = dataclasses.replace(profile, attn=attn, mlp=mlp).tables()
+    full_attn, full_mlp, _ = profile.tables()
+    others = [l for l in range(SPEC.num_layers) if l != 2]
+    np.testing.assert_allclose(attn_t[2], full_attn[others].max(axis=0))
+    np.testing.assert_allclose(mlp_t[2], full_mlp[others].max(axis=0))
+    assert attn_t[2, 1] > 0 and mlp_t[2, SPEC.intermediate_size // 2] > 0
+
+
+def test_noisy_negative_damages_do_not_extrapolate_below_the_least_measured():
+    from archopt.optimizer.profile import _curve
+    out = _curve([(1, -0.01), (2, 0.02)], 4)
+    assert out.min() >= -0.01 and out[4] == 0.0
+
+
+def test_llama_cpp_measurements_never_become_the_default_protocol(archive):
+    """Predictors and verification work in transformers: a runtime's values (however many) do not
+    displace the transformers protocol as a metric's default."""
+    from archopt.archdb import reads
+    archs = fill(archive, 6)
+    record_ppl(archive, random_archs(SPEC, 12, seed=7), [100.0] * 12,
+               protocol=dataclasses.replace(PPL, runtime="llama.cpp", precision="q8_0"))
+    with archive.read() as session:
+        base = reads.get_base_model(session, "synth")
+        chosen = reads.protocol_dict(session, reads.default_protocol(session, base, "ppl_wikitext2"))
+    assert chosen.get("runtime", "transformers") == "transformers" and len(archs) == 6
