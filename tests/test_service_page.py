@@ -82,6 +82,19 @@ def measured_archive(url: str) -> None:
 
 
 @pytest.mark.slow
+def run_and_fetch(browser, wait, url: str) -> dict:
+    """Run the page's query, wait until it is done (not failed), and fetch the API's answer to it
+    (the query the page ran: a second POST could already see retrained predictors)."""
+    from selenium.webdriver.common.by import By
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
+        browser.find_element(By.ID, "status").text
+    query_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-query-id")
+    with urllib.request.urlopen(f"{url}/v1/queries/{query_id}") as response:
+        return json.loads(response.read())
+
+
 def test_page_shows_the_api_answer(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -95,15 +108,7 @@ def test_page_shows_the_api_answer(browser, tmp_path):
         size = browser.find_element(By.ID, "params")
         size.clear()
         size.send_keys("75%")
-        browser.find_element(By.ID, "run").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
-            browser.find_element(By.ID, "status").text
-
-        # the API's answer to the page's query (a second POST could already see the retrained predictors)
-        query_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-query-id")
-        with urllib.request.urlopen(f"{server.url}/v1/queries/{query_id}") as response:
-            api = json.loads(response.read())
+        api = run_and_fetch(browser, wait, server.url)
         results = api["results"]
         assert results and api["objectives"] == ["ppl_wikitext2", "mmlu"] and api["target_params"] > 0
         assert any(r["measured"]["ppl_wikitext2"] is not None for r in results)
@@ -180,13 +185,7 @@ def test_page_shows_warnings_quality_base_line_and_distinct_ticks(browser, tmp_p
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
         if browser.find_element(By.ID, "use-mmlu").is_selected():
             browser.find_element(By.ID, "use-mmlu").click()   # perplexity only
-        browser.find_element(By.ID, "run").click()      # the default size, 80%
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
-            browser.find_element(By.ID, "status").text
-        query_id = browser.find_element(By.TAG_NAME, "body").get_attribute("data-query-id")
-        with urllib.request.urlopen(f"{server.url}/v1/queries/{query_id}") as response:
-            api = json.loads(response.read())
+        api = run_and_fetch(browser, wait, server.url)   # the default size, 80%
         assert api["warnings"]
         shown = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#warnings li.warning")]
         assert shown == api["warnings"] and browser.find_element(By.ID, "warnings").is_displayed()
