@@ -24,6 +24,7 @@ class VerifyOptions:
     screen_tokens: int | None
     weights: str | None
     starts: bool
+    refine: int = 0
 
     def check(self, server: str | None) -> None:
         """Refuse combinations that cannot run, before any work starts."""
@@ -33,6 +34,8 @@ class VerifyOptions:
             raise UserError("--screen-tokens goes with --screen N")
         if self.screen and not self.verify:
             raise UserError("--screen goes with --verify K (and --rounds R)")
+        if self.refine and (not self.verify or server):
+            raise UserError("--refine goes with --verify K (and runs on this machine, without --server)")
         if (self.rounds > 1 or self.screen) and (not self.verify or server):
             raise UserError("--rounds and --screen need --verify K (and run on this machine, without --server)")
         if self.verify and server and not self.to_queue:
@@ -53,6 +56,11 @@ VERIFY_OPTIONS = (
                       "tokens) and verify the K best of those."),
     click.option("--screen-tokens", type=click.IntRange(min=2), default=None,
                  help="Tokens of the cheap fidelity (default: an eighth of the full protocol's)."),
+    click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="With --verify: after the rounds, N channel-exchange steps around the best measured "
+                      "architecture (MLP channels moved between layers at an equal size, priced on the cheap "
+                      "fidelity, each step verifying one in full). They tune to the objective's own text: "
+                      "see the README before relying on them."),
     click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
     click.option("--starts/--no-starts", default=True, show_default=True,
                  help="With --verify: first measure the search-free starts at the target (rules of thumb such "
@@ -108,7 +116,7 @@ def query(state: State, model: str, params_text: str, tolerance: str, objectives
     request = QueryRequest(model=model, params=params_text, tolerance=tolerance,
                            objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
                            top=top, seed=seed, explain=explain, retrain=not no_retrain, allow_drop=allow_drop)
-    if v.rounds > 1 or v.screen or (one_round_starts(v) and not server):
+    if v.rounds > 1 or v.screen or v.refine or (one_round_starts(v) and not server):
         _query_rounds(state, request, v, evaluation, as_json)
         return
     if server:
@@ -226,7 +234,7 @@ def _queue_verify(state: State, doc: dict[str, Any], v: VerifyOptions, evaluatio
 def one_round_starts(v: VerifyOptions) -> int:
     """How many strong starts a one-round ``--verify K`` (K >= 2, on this machine) measures within
     its K: all but a quarter of K (at least one is the search's own pick); 0 otherwise."""
-    if v.rounds > 1 or v.screen or v.to_queue or not v.starts or v.verify < 2:
+    if v.rounds > 1 or v.screen or v.refine or v.to_queue or not v.starts or v.verify < 2:
         return 0
     return v.verify - max(1, v.verify // 4)
 
@@ -279,8 +287,17 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
             state.err.print(f"round: screening {len(archs)} candidates of query #{doc['query_id']}")
         return values
 
+    def exchanged(step: Any) -> None:
+        if not as_json:
+            state.err.print(f"exchange step {step.step}: {step.delta} channels per layer, {step.screened} screened"
+                            + (f"; verified {step.verified[:12]} = {step.value:.4g}"
+                               f" ({'the new best' if step.accepted else 'not better'})"
+                               if step.verified and step.value is not None else "; nothing screened better"))
+
     report = verify_loop(state.archive, request, verify=v.verify, rounds=v.rounds, measure=measure,
-                         explore=v.explore, screen=v.screen, measure_cheap=measure_cheap if v.screen else None,
+                         explore=v.explore, screen=v.screen,
+                         measure_cheap=measure_cheap if v.screen or v.refine else None,
+                         refine=v.refine, on_exchange=exchanged,
                          starts=verifier.strong_starts if v.starts else (),
                          proposals=verifier.proposals if v.starts and not one_round else (),
                          budget=v.verify if one_round else None, max_starts=one_round or None)
@@ -300,5 +317,7 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
                key=lambda x: sign * x["measured"][obj], default=None)
     state.out.print(f"{len(report.rounds)} rounds, {len(verified)} architectures verified ({report.stopped})"
                     + (f", {report.screened} screened" if v.screen else "")
+                    + (f", {len(report.exchange)} exchange steps ({sum(s.accepted for s in report.exchange)} improved)"
+                       if v.refine else "")
                     + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))
     state.out.print(standing_line(doc["verification"]))

@@ -44,6 +44,14 @@ solutions of its integer program (``Verifier.proposals``). Puzzle-style search v
 the program's order, trusting the additive damages; here the predictors, which learn from every
 measured architecture what the additive model misses, choose among them.
 
+Channel exchange (``refine``, ``archopt query --refine N``, off by default): after the rounds,
+up to ``N`` steps of ``optimizer.exchange`` around the best measured architecture: each layer's MLP
+channels priced on the cheap fidelity at the incumbent, the cheapest moved to where they gain most
+at an unchanged size, the best such exchange verified in full. On ptb-llama-24l at 60% they took
+the rounds' best from +1.99% to +1.75% over the base on the measured text (8,192 WikiText-2 test
+tokens) but not on held-out text (+3.52% -> +3.49% on later test tokens, +2.81% -> +2.87% on
+validation): with a short protocol they fit its text, which is why they are not a default.
+
 Torch-free: measuring is the caller's ``measure`` (and ``measure_cheap``) callback.
 """
 
@@ -63,6 +71,7 @@ from archopt.archdb.archive import Archive
 from archopt.archdb.store import spec_of
 
 from .encoding import encode
+from .exchange import ExchangeStep, exchange
 from .predictors import metric_direction
 from .query import QueryRequest, run_query
 from .search import neighbours
@@ -93,6 +102,7 @@ class LoopReport:
     objective: str
     rounds: list[LoopRound] = field(default_factory=list)
     stopped: str = ""
+    exchange: list[ExchangeStep] = field(default_factory=list)
 
     @property
     def verified(self) -> list[str]:
@@ -104,7 +114,8 @@ class LoopReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "objective": self.objective, "stopped": self.stopped,
-                "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+                "rounds": [dataclasses.asdict(r) for r in self.rounds],
+                "exchange": [dataclasses.asdict(s) for s in self.exchange]}
 
 
 def layer_distance(a: dict[str, Any], b: dict[str, Any], spec: Any) -> float:
@@ -172,7 +183,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 starts: Sequence[Architecture | tuple[str, Architecture]]
                 | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = (),
                 proposals: Sequence[Architecture] | Callable[[dict[str, Any]], Sequence[Architecture]] = (),
-                max_starts: int | None = None) -> LoopReport:
+                max_starts: int | None = None, refine: int = 0,
+                on_exchange: Callable[[ExchangeStep], Any] | None = None) -> LoopReport:
     """Run up to ``rounds`` rounds of query -> verify ``verify`` -> retrain (see the module doc).
 
     ``measure(architectures, picks, doc)`` must prune, measure and store the architectures in
@@ -195,6 +207,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     ``max_starts``: measure at most this many starts (those the predictors rank best; also when
     ``budget`` leaves fewer). ``proposals``: architectures (or a callable of the round's query document returning them)
     that join each round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
+    ``refine``: channel-exchange steps after the rounds (needs ``measure_cheap``; each measures one
+    architecture in full, not counted in ``budget``), each reported to ``on_exchange``.
     """
     if not 0.0 <= local <= 1.0:
         raise ValueError("local must lie in [0, 1]")
@@ -202,6 +216,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         raise ValueError("verify and rounds must be at least 1")
     if screen < 0 or (screen and measure_cheap is None):
         raise ValueError("screening needs a positive screen count and a measure_cheap callback")
+    if refine < 0 or (refine and measure_cheap is None):
+        raise ValueError("channel exchange needs a positive step count and a measure_cheap callback")
     objective = request.objectives[0]
     report = LoopReport(request.model, objective)
     chosen: set[str] = set()
@@ -303,6 +319,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
             on_round(rnd, doc)
     else:
         report.stopped = "rounds"
+    if refine and spec is not None:   # the last round's query: its window and predictors' protocols
+        report.exchange = exchange(archive, doc, steps=refine, measure=measure, measure_cheap=measure_cheap,
+                                   on_step=on_exchange)
     return report
 
 
