@@ -12,6 +12,13 @@ measures for every method through three callbacks, each charging the method's ``
   (``evaluators.kl.KLTask`` on the tokenized WikiText-2 *validation* text, never a test window),
   after ``use_reference(run)`` charged the base model's reference pass once.
 
+- ``heldout(arch)``: the perplexity of a method's pick on text no method searched on, never
+  charged (it reports, it does not search): WikiText-2 test tokens after the full protocol's
+  ``--max-tokens`` and WikiText-2 validation tokens after the KL pool, ``--heldout-tokens`` of
+  each in windows of 128. Every method selects its pick by the full protocol's values, so
+  ``d_wikitext2`` carries a selection bias that grows with how many architectures a method
+  measured on that text; the held-out values do not.
+
 A SQLite cache (``measure-cache.sqlite`` in the work folder) keyed by (base config hash, canonical
 architecture, protocol) makes each measurement once per work folder: a method asking for a value
 another method (or an earlier run) measured gets the cached value, charged to it all the same; the
@@ -188,6 +195,8 @@ class Bench:
         self.cheap_tokens = self.cheap.tokens
         base = self._measure_full_raw(self._full_arch())[0]
         self.base_values = {m.metric: float(m.value) for m in base if m.metric in METRICS}
+        self.heldout_texts = self._heldout_texts()
+        self.heldout_base = self.heldout(self._full_arch())
 
     # ----- set-up ----------------------------------------------------------------------------------
     def _kl_task(self, tokens_cache: Path) -> Any:
@@ -203,6 +212,52 @@ class Bench:
             text, dataset, split = data.JOINING.join(rows), "wikitext-2-v1", "validation"
         return KLTask.from_text(tok, text, dataset=dataset, split=split, seq_len=128, max_tokens=self.args.kl_pool,
                                 cache_dir=tokens_cache)
+
+    def _heldout_texts(self) -> dict[str, Any]:
+        """Token windows ``[n, 128]`` of the held-out texts (see the module doc)."""
+        import torch
+        from archopt.evaluators import data
+        tok = self.campaign.base.tokenizer
+        n = int(getattr(self.args, "heldout_tokens", 32768))
+        test = data.dataset_text(data.WIKITEXT2, "test", self.args.data_dir)
+        valid = data.JOINING.join(data.read_wikitext_rows(Path(self.args.data_dir) / "wikitext-2" / "wiki.valid.tokens"))
+        out = {}
+        for name, text, skip in (("wikitext2_test_heldout", test, self.args.max_tokens),
+                                 ("wikitext2_valid_heldout", valid, self.args.kl_pool)):
+            ids = torch.tensor(tok(text)["input_ids"][skip:skip + n])
+            rows = len(ids) // 128
+            if rows == 0:
+                raise SystemExit(f"{name}: no held-out tokens after the first {skip:,}")
+            out[name] = ids[:rows * 128].view(rows, 128)
+        return out
+
+    def heldout(self, arch: Any) -> dict[str, float]:
+        """Held-out perplexities of ``arch`` (not charged; cached)."""
+        import torch
+        out = {}
+        todo = {}
+        for name, windows in self.heldout_texts.items():
+            key = SharedCache.key("heldout", self.base_key, arch, f"{name}|{windows.shape[0]}x128")
+            found = self.cache.get(key)
+            if found is None:
+                todo[name] = (key, windows)
+            else:
+                out[name] = float(found[0])
+        if todo:
+            t = time.perf_counter()
+            with pruned(self.campaign.base, arch, self.campaign.importance) as model, torch.no_grad():
+                device = next(model.parameters()).device
+                for name, (key, windows) in todo.items():
+                    nll, count = 0.0, 0
+                    for i in range(0, windows.shape[0], 32):
+                        batch = windows[i:i + 32].to(device)
+                        logits = model(batch).logits[:, :-1].float()
+                        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 batch[:, 1:].reshape(-1), reduction="sum").item()
+                        count += batch[:, 1:].numel()
+                    out[name] = math.exp(nll / count)
+                    self.cache.put(key, "heldout", arch, out[name], time.perf_counter() - t)
+        return out
 
     def _full_arch(self) -> Any:
         from archopt.archdb.arch import full
@@ -334,6 +389,8 @@ class Bench:
     def describe(self) -> dict[str, Any]:
         t = self.kl_task
         return {"full_tokens": self.full_tokens, "cheap_tokens": self.cheap_tokens,
+                "heldout": {name: {"windows": int(w.shape[0]), "seq_len": 128, "base_ppl": round(self.heldout_base[name], 4)}
+                            for name, w in self.heldout_texts.items()},
                 "kl": {"dataset": t.dataset, "split": t.split, "pool_tokens": t.tokens, "windows": t.n_windows,
                        "seq_len": t.seq_len, "top_k": t.top_k, "reference_key": t.reference_key}}
 

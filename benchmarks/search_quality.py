@@ -42,15 +42,18 @@ SHARED = ROOT.parent / "shared"
 DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models" / "ptb-llama-8l"))
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
-EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals")
+EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals",
+                 "archopt-refine")
+ARCHOPT_METHODS = ("archopt",) + tuple(m for m in EXTRA_METHODS if m.startswith("archopt"))
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
+HELDOUT = ("wikitext2_test_heldout", "wikitext2_valid_heldout")   # Bench.heldout's texts
 
 
 # --- archopt: the product's own loop ---------------------------------------------------------------
 def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, name: str, explore: float,
                    initial_share: float, verify: int | None, screen: int = 0,
-                   profile_features: bool = True, proposals: bool = True) -> MethodRun:
+                   profile_features: bool = True, proposals: bool = True, refine_share: float = 0.0) -> MethodRun:
     """``Campaign.run`` of random architectures (``archopt evaluate --samples``) into an archive of
     its own, then ``verify_loop`` (``archopt query --verify K --rounds R [--screen N]``, with the
     strong starts where the loop takes them) until the token budget is spent. Every architecture is
@@ -59,7 +62,10 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
     values are stored too (the predictors then use them as features) unless ``profile_features``
     is off (``archopt-noprofile``: the profile only gives starts), and its next-best integer-program
     solutions are offered to every round (``verify_loop``'s ``proposals``, as ``archopt query``
-    does) unless ``proposals`` is off (``archopt-noproposals``, and ``archopt-noprofile``)."""
+    does) unless ``proposals`` is off (``archopt-noproposals``, and ``archopt-noprofile``).
+    ``refine_share`` > 0: the rounds stop when that share of the full evaluations left after the
+    random ones is still unspent, and channel-exchange steps (``archopt query --refine``,
+    ``optimizer.exchange``) spend it, their cheap measurements charged at the cheap fidelity."""
     from archopt.archdb import reads
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import QueryRequest
@@ -72,6 +78,7 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
     campaign.screener = bench.cheap if screen else None
     rounds: list[Any] = []
     scored: list[int] = []
+    exchanged: list[Any] = []
 
     def record(archs: list[Any]) -> None:
         """Charge and measure through the bench (stops at the budget), then store in the archive."""
@@ -96,7 +103,8 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
 
         def measure_cheap(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> list[float | None]:
             values = bench.measure_cheap(run, archs)
-            campaign.screen(archs)   # cache hits: stores the cheap values in the archive
+            # cache hits: stores the cheap values in the archive, as Verifier.measure_cheap does
+            campaign.cheap_values(archs, OBJECTIVE, bench.cheap, "screen")
             return values
 
         request = QueryRequest(model=campaign.name, params=target, tolerance=tol, seed=seed)
@@ -117,9 +125,13 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             if not initial:   # the starts are the first training rows (archopt evaluate --params --starts)
                 record([a for _, a in kwargs.pop("starts")])
         left = sb.evals_in_budget(bench, run)
+        if refine_share > 0:   # the exchange steps run until the bench's budget is spent
+            left = max(k, round((1 - refine_share) * left))
+            kwargs["refine"] = 10 ** 6
+            kwargs["on_exchange"] = exchanged.append
         report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure,
                              budget=None if screen else left, explore=explore, screen=screen,
-                             measure_cheap=measure_cheap if screen else None,
+                             measure_cheap=measure_cheap if screen or refine_share > 0 else None,
                              on_round=lambda rnd, doc: rounds.append(rnd), **kwargs)
         run.notes["stopped"] = report.stopped
     except BudgetSpent:
@@ -132,7 +144,8 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
         archive.close()
     run.notes.update(rounds=len(rounds), explore=explore, initial=initial, verify=k, screen=screen,
                      profile_features=profile_features, proposals=proposals,
-                     predictor_scored=sum(scored))
+                     predictor_scored=sum(scored), refine_share=refine_share, exchange_steps=len(exchanged),
+                     exchange_accepted=sum(s.accepted for s in exchanged))
     return sb._timed(run, t0)
 
 
@@ -247,8 +260,9 @@ def format_curve(curve: dict[str, Any]) -> str:
 
 
 # --- results ---------------------------------------------------------------------------------------
-def summarize(run: MethodRun, base: dict[str, float], full_tokens: int) -> dict[str, Any]:
-    """One method's row: its pick (d = PPL / PPL(base) - 1), tokens by kind, full evaluations, time."""
+def summarize(run: MethodRun, base: dict[str, float], full_tokens: int, bench: Bench | None = None) -> dict[str, Any]:
+    """One method's row: its pick (d = PPL / PPL(base) - 1), tokens by kind, full evaluations, time;
+    with ``bench``, also the pick's held-out d (``Bench.heldout``: text no method searched on)."""
     best = run.best()
     out: dict[str, Any] = {"method": run.name, **run.ledger.to_dict(),
                            "full_evaluations": run.full_evaluations,
@@ -265,6 +279,11 @@ def summarize(run: MethodRun, base: dict[str, float], full_tokens: int) -> dict[
                    d_wikitext2=round(v["ppl_wikitext2"] / base["ppl_wikitext2"] - 1, 4),
                    d_ptb=round(v["ppl_ptb"] / base["ppl_ptb"] - 1, 4), compact=arch.compact(),
                    dropped_layers=sum(l.dropped for l in arch.layers))
+        if bench is not None:
+            held = bench.heldout(arch)
+            for name, value in held.items():
+                out[f"ppl_{name}"] = round(value, 3)
+                out[f"d_{name}"] = round(value / bench.heldout_base[name] - 1, 4)
     return out
 
 
@@ -285,6 +304,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "d_wikitext2_median": _med(wt), "d_wikitext2_min": min(wt, default=None),
                         "d_wikitext2_max": max(wt, default=None),
                         "d_ptb_median": _med([r.get("d_ptb") for r in mine]),
+                        **{f"d_{h}_median": _med([r.get(f"d_{h}") for r in mine]) for h in HELDOUT},
                         "ppl_wikitext2_median": _med([r.get("ppl_wikitext2") for r in mine]),
                         "tokens_median": _med([r["tokens"] for r in mine]),
                         "full_evaluations_median": _med([r["full_evaluations"] for r in mine]),
@@ -323,6 +343,14 @@ def goals(results: list[dict[str, Any]], summary: list[dict[str, Any]], curves: 
             per_seed.append({"seed": seed, "archopt": seeded[archopt], "best_no_search": min(floor),
                              "ok": bool(seeded[archopt] <= min(floor))})
         g["per_seed_vs_no_search"] = per_seed
+        # the same comparison on held-out text (picks re-measured where no method searched)
+        held_mine = entries[archopt].get(f"d_{HELDOUT[0]}_median")
+        held = {n: e.get(f"d_{HELDOUT[0]}_median") for n, e in entries.items()
+                if not n.startswith("archopt") and e.get(f"d_{HELDOUT[0]}_median") is not None}
+        if held_mine is not None and held:
+            h_name = min(held, key=held.get)
+            g.update(heldout_best_other=h_name, heldout_best_other_d=held[h_name], heldout_archopt_d=held_mine,
+                     heldout_ratio=round(held_mine / held[h_name], 3) if held[h_name] > 0 else None)
         g["never_worse_than_no_search"] = bool(per_seed) and all(p["ok"] for p in per_seed)
         points = curves.get(f"{model} {target}", {}).get("points", [])
         # the product's predictor as a query trains it: with the profile's features once it is measured
@@ -338,12 +366,14 @@ def print_table(summary: list[dict[str, Any]], goal_rows: list[dict[str, Any]], 
         return f"{100 * v:+.2f}%" if v is not None else "-"
 
     print(f"{'model':<15}{'target':<7}{'method':<23}{'d wt2 med':>10}{'[min, max]':>20}{'d ptb med':>10}"
-          f"{'tokens':>10}{'evals':>7}{'full':>6}{'wall s':>8}{'cpu s':>7}{'uncached':>9}")
+          f"{'held test':>10}{'held val':>9}{'tokens':>10}{'evals':>7}{'full':>6}{'wall s':>8}{'cpu s':>7}"
+          f"{'uncached':>9}")
     for e in summary:
         rng = f"[{pct(e['d_wikitext2_min'])}, {pct(e['d_wikitext2_max'])}]"
         tokens = e["tokens_median"] or 0
         print(f"{e['model']:<15}{e['target']:<7}{e['method']:<23}{pct(e['d_wikitext2_median']):>10}{rng:>20}"
-              f"{pct(e['d_ptb_median']):>10}{tokens / 1e6:>9.3f}M{tokens / full_tokens:>7.1f}"
+              f"{pct(e['d_ptb_median']):>10}{pct(e.get(f'd_{HELDOUT[0]}_median')):>10}"
+              f"{pct(e.get(f'd_{HELDOUT[1]}_median')):>9}{tokens / 1e6:>9.3f}M{tokens / full_tokens:>7.1f}"
               f"{e['full_evaluations_median'] or 0:>6.0f}{e['seconds_median'] or 0:>8.0f}"
               f"{e['cpu_seconds_median'] or 0:>7.0f}"
               f"{e['seconds_uncached_median'] or 0:>9.0f}")
@@ -358,7 +388,9 @@ def print_table(summary: list[dict[str, Any]], goal_rows: list[dict[str, Any]], 
               f"{g['best_other']} {pct(g['best_other_d_median'])} -> ratio {ratio if ratio is not None else '-'} "
               f"(<= 0.8: {met(bool(g.get('beats_best_other_by_20pct')))}); never worse than rules/FLAP in any "
               f"seed: {met(g['never_worse_than_no_search'])} ({seeds}); Kendall tau <= 200 pairs "
-              f"{g['kendall_tau'] or '-'} (>= 0.9: {met(g['kendall_tau_ge_0.9'])})")
+              f"{g['kendall_tau'] or '-'} (>= 0.9: {met(g['kendall_tau_ge_0.9'])}); held-out test text: archopt "
+              f"{pct(g.get('heldout_archopt_d'))} vs best other {g.get('heldout_best_other')} "
+              f"{pct(g.get('heldout_best_other_d'))} -> ratio {g.get('heldout_ratio', '-')}")
 
 
 def machine() -> dict[str, Any]:
@@ -409,7 +441,7 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
         elif name == "paper":
             k = args.paper_k or max(2, round(18 * args.budget / 64))
             runs.append(sb.method_paper(bench, target, lo, tol, seed, k))
-        elif name in ("archopt", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals"):
+        elif name in ARCHOPT_METHODS:
             screen = 0
             if name == "archopt-screen":
                 k = args.archopt_verify or max(2, int(args.budget) // 8)
@@ -417,7 +449,8 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
             explore = 0.0 if name == "archopt-exploit" else args.explore
             runs.append(method_archopt(bench, target, lo, tol, seed, name, explore, args.archopt_initial,
                                        args.archopt_verify, screen, name != "archopt-noprofile",
-                                       name not in ("archopt-noprofile", "archopt-noproposals")))
+                                       name not in ("archopt-noprofile", "archopt-noproposals"),
+                                       args.refine_share if name == "archopt-refine" else 0.0))
         else:
             raise SystemExit(f"unknown method {name!r}: use {', '.join(METHODS + EXTRA_METHODS)}")
         yield from runs
@@ -453,11 +486,13 @@ def run_model(args: argparse.Namespace, model: str, targets: list[str], methods:
             t0 = time.perf_counter()
             m0 = bench.cache.measured
             for run in run_methods(bench, margs, methods, target, lo, tol, seed):
-                s = summarize(run, base, bench.full_tokens)
+                s = summarize(run, base, bench.full_tokens, bench)
                 results.append({"model": model_name, "target": target_text, "target_params": target, "seed": seed, **s})
                 print(f"  {target_text} s{seed} {s['method']:<22} wt2 {s.get('ppl_wikitext2', math.nan):8.2f} "
                       f"(d {100 * s.get('d_wikitext2', math.nan):+7.2f}%) ptb {s.get('ppl_ptb', math.nan):8.2f} "
-                      f"(d {100 * s.get('d_ptb', math.nan):+7.2f}%) {s.get('fraction', 0):.3f} "
+                      f"(d {100 * s.get('d_ptb', math.nan):+7.2f}%) held-out d "
+                      f"{100 * s.get('d_wikitext2_test_heldout', math.nan):+6.2f}% / "
+                      f"{100 * s.get('d_wikitext2_valid_heldout', math.nan):+6.2f}% {s.get('fraction', 0):.3f} "
                       f"tokens {s['tokens']:>9,} ({s['evaluations_worth']:.1f} evals; full {s['full_evaluations']}) "
                       f"{s['seconds']:.0f}s (cpu {s['cpu_seconds']:.0f}s)", flush=True)
             print(f"  {target_text} seed {seed}: {bench.cache.measured - m0} new measurements, "
@@ -529,10 +564,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of B in random architectures measured before the rounds (the strong starts follow); "
                          "0: none, the strong starts are measured first instead")
     ap.add_argument("--archopt-verify", type=int, default=None, help="K per round (default B/8)")
+    ap.add_argument("--refine-share", type=float, default=0.45,
+                    help="archopt-refine: share of the evaluations left after the random ones kept for channel "
+                         "exchange (archopt query --refine)")
     ap.add_argument("--explore", type=float, default=1.0, help="archopt's active-learning weight (0 = off)")
     ap.add_argument("--screen", type=int, default=None, help="archopt-screen's cheap screens per round (default 6K)")
     ap.add_argument("--screen-tokens", type=int, default=1024, help="tokens of the cheap fidelity")
     ap.add_argument("--no-curve", action="store_true", help="skip the predictor learning curve")
+    ap.add_argument("--heldout-tokens", type=int, default=32768,
+                    help="held-out tokens of each text the picks are re-measured on (never charged)")
     ap.add_argument("--quick", action="store_true",
                     help=f"one model, its first target, one seed, B={QUICK_BUDGET}, Puzzle variants on 512 tokens")
     ap.add_argument("--work", default=None, help="folder for the cache and archives (default results/work-<model>/)")
