@@ -144,31 +144,16 @@ def test_verify_loop_refines_after_its_rounds(archive):
 
 @pytest.mark.slow
 def test_query_refine_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypatch):
-    import tiny_models as tm
-    from helpers.cli_runs import evaluate
-    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
-    model_dir = tm.save_tiny("llama_gqa_odd", tmp_path / "tiny-gqa")
-    data_dir = tm.write_local_data(tmp_path / "data")
-    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "8", "--params", "80%", "--seed", "1",
-                 "--max-tokens", "512")
-    assert r.code == 0, r.err
+    from helpers.cli_runs import fidelity_pairs, sampled_tiny_archive
+    data_dir = sampled_tiny_archive(run_cli, sqlite_url, tmp_path, monkeypatch)
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--tolerance", "5%",
                 "--verify", "1", "--refine", "2", "--data-dir", str(data_dir), "--seq-len", "16",
                 "--device", "cpu", "--metrics", "ppl_wikitext2", "--seed", "1", "--no-starts")
     assert r.code == 0, r.err
     # 48 MLP channels: the first step moves 8 (the channel multiple), the next would move 4 and stops
     assert "exchange step 1: 8 channels per layer" in r.err and "1 rounds" in r.out and "exchange steps" in r.out
-    err = r.err
-    from archopt.archdb import Archive, reads
-    archive = Archive(sqlite_url)
-    try:
-        with archive.read() as session:
-            base = reads.get_base_model(session, "tiny-gqa")
-            pid = reads.default_protocol(session, base, "ppl_wikitext2")
-            cheap = reads.cheaper_fidelities(session, base, "ppl_wikitext2", pid)
-            assert reads.protocol_dict(session, pid)["tokens"] == 512      # the full protocol stays the default
-            assert cheap and len(reads.training_pairs(session, base, "ppl_wikitext2", cheap[0])) >= 4, err
-    finally:
-        archive.close()
+    tokens, _, cheap = fidelity_pairs(sqlite_url)
+    assert tokens == 512                                   # the full protocol stays the default
+    assert cheap and cheap[0][1] >= 4, r.err               # the exchange's cheap values are stored
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--refine", "2")
     assert r.code != 0 and "--refine goes with --verify" in r.err

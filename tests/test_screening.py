@@ -116,27 +116,11 @@ def test_screening_rounds_verify_the_best_screened_candidates(archive):
 
 @pytest.mark.slow
 def test_query_screen_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypatch):
-    import tiny_models as tm
-    from helpers.cli_runs import evaluate
-    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
-    model_dir = tm.save_tiny("llama_gqa_odd", tmp_path / "tiny-gqa")
-    data_dir = tm.write_local_data(tmp_path / "data")
-    r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "8", "--params", "80%", "--seed", "1",
-                 "--max-tokens", "512")
-    assert r.code == 0, r.err
+    from helpers.cli_runs import fidelity_pairs, sampled_tiny_archive
+    data_dir = sampled_tiny_archive(run_cli, sqlite_url, tmp_path, monkeypatch)
+
     def pairs():
-        archive = Archive(sqlite_url)
-        try:
-            with archive.read() as session:
-                base = reads.get_base_model(session, "tiny-gqa")
-                pid = reads.default_protocol(session, base, "ppl_wikitext2")
-                cheap = reads.cheaper_fidelities(session, base, "ppl_wikitext2", pid)
-                return (reads.protocol_dict(session, pid)["tokens"],
-                        len(reads.training_pairs(session, base, "ppl_wikitext2", pid)),
-                        [(reads.protocol_dict(session, c)["tokens"],
-                          len(reads.training_pairs(session, base, "ppl_wikitext2", c))) for c in cheap])
-        finally:
-            archive.close()
+        return fidelity_pairs(sqlite_url)
 
     tokens, n_full, cheap = pairs()
     assert tokens == 512 and cheap == []
