@@ -43,7 +43,7 @@ DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
 EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals",
-                 "archopt-refine")
+                 "archopt-refine", "archopt-klprofile")
 ARCHOPT_METHODS = ("archopt",) + tuple(m for m in EXTRA_METHODS if m.startswith("archopt"))
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
@@ -53,7 +53,8 @@ HELDOUT = ("wikitext2_test_heldout", "wikitext2_valid_heldout")   # Bench.heldou
 # --- archopt: the product's own loop ---------------------------------------------------------------
 def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, name: str, explore: float,
                    initial_share: float, verify: int | None, screen: int = 0,
-                   profile_features: bool = True, proposals: bool = True, refine_share: float = 0.0) -> MethodRun:
+                   profile_features: bool = True, proposals: bool = True, refine_share: float = 0.0,
+                   kl_profile: bool = False) -> MethodRun:
     """``Campaign.run`` of random architectures (``archopt evaluate --samples``) into an archive of
     its own, then ``verify_loop`` (``archopt query --verify K --rounds R [--screen N]``, with the
     strong starts where the loop takes them) until the token budget is spent. Every architecture is
@@ -113,7 +114,8 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             from archopt.optimizer.starts import strong_starts
             imp = campaign.importance
             kwargs["starts"] = strong_starts(bench.spec, target, imp.kv_group, imp.channel)
-            profile = measured_profile(bench, run, campaign if profile_features else None)
+            profile = (kl_measured_profile(bench, run, seed) if kl_profile
+                       else measured_profile(bench, run, campaign if profile_features else None))
             if profile is not None:
                 from archopt.optimizer.profile import profile_solutions
                 from archopt.optimizer.verify import PROPOSALS
@@ -165,6 +167,21 @@ def measured_profile(bench: Bench, run: MethodRun, campaign: Any = None) -> Any:
                               "profile")
     run.notes["profile_variants"] = sum(v is not None for v in values[1:])
     return Profile.from_values(bench.spec, variants, values[1:], values[0])
+
+
+def kl_measured_profile(bench: Bench, run: MethodRun, seed: int, tokens: int = 1024) -> Any:
+    """A sensitivity profile on KL(base || pruned) over ``tokens`` WikiText-2 validation tokens
+    (the windows drawn with ``seed``), every single-layer variant but dropped layers: the damages
+    Puzzle-style scores, for archopt's starts and proposals (``archopt-klprofile``; not stored,
+    so the predictors get no damage features)."""
+    from archopt.optimizer.profile import Profile, profile_variants
+    rng = np.random.default_rng(seed)
+    pool = bench.kl_task.n_windows
+    wins = sorted(rng.choice(pool, size=max(1, min(pool, tokens // bench.kl_task.seq_len)), replace=False).tolist())
+    variants = profile_variants(bench.spec, allow_drop=False)
+    values = bench.measure_kl(run, [v.architecture for v in variants], wins)
+    run.notes["profile_variants"] = len(values)
+    return Profile.from_values(bench.spec, variants, values, 0.0, log_scale=False)
 
 
 # --- predictor learning curve --------------------------------------------------------------------
@@ -448,9 +465,10 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
                 screen = args.screen if args.screen is not None else 6 * k
             explore = 0.0 if name == "archopt-exploit" else args.explore
             runs.append(method_archopt(bench, target, lo, tol, seed, name, explore, args.archopt_initial,
-                                       args.archopt_verify, screen, name != "archopt-noprofile",
+                                       args.archopt_verify, screen, name not in ("archopt-noprofile", "archopt-klprofile"),
                                        name not in ("archopt-noprofile", "archopt-noproposals"),
-                                       args.refine_share if name == "archopt-refine" else 0.0))
+                                       args.refine_share if name == "archopt-refine" else 0.0,
+                                       name == "archopt-klprofile"))
         else:
             raise SystemExit(f"unknown method {name!r}: use {', '.join(METHODS + EXTRA_METHODS)}")
         yield from runs
