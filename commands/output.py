@@ -187,7 +187,7 @@ def print_verified(state: Any, doc: dict[str, Any], verified: Sequence[dict[str,
         table.add_column(header)
     for v in verified:
         table.add_row(str(ranks.get(v["arch_id"]) or "n"), v["arch_id"][:10],
-                      *[f"{v['predicted'][o]:.4g}" for o in objectives], *[cell(v["measured"][o]) for o in objectives])
+                      *[cell(v["predicted"].get(o)) for o in objectives], *[cell(v["measured"][o]) for o in objectives])
     state.out.print(table)
 
 

@@ -157,3 +157,20 @@ def test_query_refine_cli_on_tiny_model(run_cli, sqlite_url, tmp_path, monkeypat
     assert cheap and cheap[0][1] >= 4, r.err               # the exchange's cheap values are stored
     r = run_cli("--db", sqlite_url, "query", "--model", "tiny-gqa", "--params", "80%", "--refine", "2")
     assert r.code != 0 and "--refine goes with --verify" in r.err
+
+
+def test_verified_exchange_rows_print_without_predictions():
+    """An exchange step's rows carry no prediction: the verified table shows ``-`` for it."""
+    from rich.console import Console
+
+    from archopt.commands.output import print_verified
+
+    class State:
+        out = Console(record=True, width=120)
+
+    arch = _arch([128] * 12)
+    rows = [{"arch_id": arch.arch_id("synth"), "rank": None}]
+    print_verified(State, {"objectives": ["ppl_wikitext2"], "results": rows},
+                   [{"arch_id": rows[0]["arch_id"], "predicted": {}, "measured": {"ppl_wikitext2": 12.5}}])
+    text = State.out.export_text()
+    assert "12.5" in text and " - " in text
