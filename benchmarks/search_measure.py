@@ -214,47 +214,39 @@ class Bench:
                                 cache_dir=tokens_cache)
 
     def _heldout_texts(self) -> dict[str, Any]:
-        """Token windows ``[n, 128]`` of the held-out texts (see the module doc)."""
+        """The held-out texts (see the module doc) as the product's ``PerplexityTask``s."""
         import torch
         from archopt.evaluators import data
+        from archopt.evaluators.perplexity import PerplexityTask
         tok = self.campaign.base.tokenizer
         n = int(getattr(self.args, "heldout_tokens", 32768))
         test = data.dataset_text(data.WIKITEXT2, "test", self.args.data_dir)
         valid = data.JOINING.join(data.read_wikitext_rows(Path(self.args.data_dir) / "wikitext-2" / "wiki.valid.tokens"))
         out = {}
-        for name, text, skip in (("wikitext2_test_heldout", test, self.args.max_tokens),
-                                 ("wikitext2_valid_heldout", valid, self.args.kl_pool)):
+        for name, text, split, skip in (("wikitext2_test_heldout", test, "test", self.args.max_tokens),
+                                        ("wikitext2_valid_heldout", valid, "validation", self.args.kl_pool)):
             ids = torch.tensor(tok(text)["input_ids"][skip:skip + n])
-            rows = len(ids) // 128
-            if rows == 0:
-                raise SystemExit(f"{name}: no held-out tokens after the first {skip:,}")
-            out[name] = ids[:rows * 128].view(rows, 128)
+            out[name] = PerplexityTask(ids, metric="ppl_wikitext2", dataset=data.WIKITEXT2, split=split,
+                                       tokenizer_name="", tokenizer_hash="", seq_len=128,
+                                       max_tokens=n)   # raises in one line when no window is left
         return out
 
     def heldout(self, arch: Any) -> dict[str, float]:
         """Held-out perplexities of ``arch`` (not charged; cached)."""
-        import torch
         out = {}
         todo = {}
-        for name, windows in self.heldout_texts.items():
-            key = SharedCache.key("heldout", self.base_key, arch, f"{name}|{windows.shape[0]}x128")
+        for name, task in self.heldout_texts.items():
+            key = SharedCache.key("heldout", self.base_key, arch, f"{name}|{task.windows.shape[0]}x128")
             found = self.cache.get(key)
             if found is None:
-                todo[name] = (key, windows)
+                todo[name] = (key, task)
             else:
                 out[name] = float(found[0])
         if todo:
-            t = time.perf_counter()
-            with pruned(self.campaign.base, arch, self.campaign.importance) as model, torch.no_grad():
-                device = next(model.parameters()).device
-                for name, (key, windows) in todo.items():
-                    nll, count = 0.0, 0
-                    for i in range(0, windows.shape[0], 32):
-                        batch = windows[i:i + 32].to(device)
-                        logits = model(batch).logits[:, :-1].float()
-                        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 batch[:, 1:].reshape(-1), reduction="sum").item()
-                        count += batch[:, 1:].numel()
+            with pruned(self.campaign.base, arch, self.campaign.importance) as model:
+                for name, (key, task) in todo.items():
+                    t = time.perf_counter()
+                    nll, count = task.total_nll(model)
                     out[name] = math.exp(nll / count)
                     self.cache.put(key, "heldout", arch, out[name], time.perf_counter() - t)
         return out
@@ -389,8 +381,9 @@ class Bench:
     def describe(self) -> dict[str, Any]:
         t = self.kl_task
         return {"full_tokens": self.full_tokens, "cheap_tokens": self.cheap_tokens,
-                "heldout": {name: {"windows": int(w.shape[0]), "seq_len": 128, "base_ppl": round(self.heldout_base[name], 4)}
-                            for name, w in self.heldout_texts.items()},
+                "heldout": {name: {"windows": int(t.windows.shape[0]), "seq_len": 128,
+                                   "base_ppl": round(self.heldout_base[name], 4)}
+                            for name, t in self.heldout_texts.items()},
                 "kl": {"dataset": t.dataset, "split": t.split, "pool_tokens": t.tokens, "windows": t.n_windows,
                        "seq_len": t.seq_len, "top_k": t.top_k, "reference_key": t.reference_key}}
 
