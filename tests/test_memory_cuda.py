@@ -32,6 +32,9 @@ def test_bf16_taylor_on_cuda_matches_float32_on_cpu(paths, name):
     ref = load_base_model(str(paths[name]), attn_implementation="eager")   # float32 of the bf16-rounded weights
     ref.model.to(torch.bfloat16).float()
     want_kv, want_ch = importance_mod.taylor_scores(ref.model, ref.spec, batch)
+    # a first pass makes cuBLAS/cuBLASLt allocate their workspaces (tens of MiB through the caching
+    # allocator, kept for the process); the bound is on what the pass itself holds
+    importance_mod.taylor_scores(gpu.model, gpu.spec, batch)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     kv, ch = importance_mod.taylor_scores(gpu.model, gpu.spec, batch)
