@@ -43,7 +43,7 @@ DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
 EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals",
-                 "archopt-refine", "archopt-klprofile")
+                 "archopt-refine", "archopt-klprofile", "archopt-kl")
 ARCHOPT_METHODS = ("archopt",) + tuple(m for m in EXTRA_METHODS if m.startswith("archopt"))
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
@@ -148,6 +148,103 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
                      profile_features=profile_features, proposals=proposals,
                      predictor_scored=sum(scored), refine_share=refine_share, exchange_steps=len(exchanged),
                      exchange_accepted=sum(s.accepted for s in exchanged))
+    return sb._timed(run, t0)
+
+
+class KLEvaluator:
+    """``kl_base`` over the bench's KL pool (``windows`` of it) as a ``Campaign`` evaluator: every
+    measurement goes through ``Bench.measure_kl``, so it is charged to ``run`` (the shared cache
+    saves time, never tokens)."""
+
+    def __init__(self, bench: Bench, run: MethodRun, windows: list[int]) -> None:
+        from types import SimpleNamespace
+        self.bench, self.run, self.windows = bench, run, windows
+        self.tasks = {"kl_base": SimpleNamespace(protocol=bench.kl_task.protocol(windows))}
+        self.metrics = ("kl_base",)
+        self.forwarded_tokens = 0
+
+    def evaluate_architecture(self, base: Any, arch: Any, importance: Any) -> list[Any]:
+        from archopt.archdb.protocol import Measurement
+        value = self.bench.measure_kl(self.run, [arch], self.windows)[0]
+        self.forwarded_tokens = self.bench.kl_task.tokens_of(self.windows)
+        return [Measurement("kl_base", value, self.tasks["kl_base"].protocol, device=self.bench.args.device)]
+
+
+def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int, explore: float,
+                      verify: int | None, profile_windows: int = 8) -> MethodRun:
+    """archopt searching on ``kl_base`` and reporting perplexity: ``archopt query --objectives
+    kl_base --verify K --rounds R`` on the bench's KL pool (WikiText-2 validation, every window:
+    ``--kl-pool`` tokens a verification), its sensitivity profile on the first ``profile_windows``
+    windows (stored, origin ``profile``: the predictors' damage features and the loop's starts and
+    proposals, as ``Verifier.profile`` does for any objective), then one full evaluation of the
+    architecture with the least measured KL in the window: the pick. The scored test text is read
+    once, for the pick alone, as EvoPress-style does."""
+    import copy
+    import dataclasses
+
+    from archopt.optimizer.loop import verify_loop
+    from archopt.optimizer.profile import profile_solutions
+    from archopt.optimizer.query import QueryRequest
+    from archopt.optimizer.starts import strong_starts
+    from archopt.optimizer.verify import PROPOSALS, measure_profile
+    t0 = time.perf_counter()
+    run = bench.run("archopt-kl", target, lo)
+    bench.use_reference(run)
+    campaign, archive = bench.bind_archive(bench.work / f"archopt-kl-{target}-{seed}.sqlite")
+    pool = list(range(bench.kl_task.n_windows))
+    kl_campaign = copy.copy(campaign)
+    kl_campaign.evaluator = KLEvaluator(bench, run, pool)
+    kl_campaign.settings = dataclasses.replace(campaign.settings, metrics=("kl_base",))
+    cheap = KLEvaluator(bench, run, pool[:profile_windows])
+    per_eval = bench.kl_task.tokens_of(pool)
+    rounds: list[Any] = []
+    measured: dict[str, tuple[Any, float]] = {}
+
+    def record(archs: list[Any]) -> None:
+        report = kl_campaign.run([(a, "verify") for a in archs])
+        for a, r in zip(archs, report.results):
+            got = [m.value for m in r.measurements if m.metric == "kl_base"]
+            if got:
+                measured[a.canonical_json()] = (a, float(got[0]))
+            elif a.canonical_json() not in measured:   # measured before (in the archive): read it back
+                value = kl_campaign.cheap_values([a], "kl_base", kl_campaign.evaluator, "verify")[0]
+                if value is not None:
+                    measured[a.canonical_json()] = (a, float(value))
+
+    try:
+        imp = campaign.importance
+        starts: list[Any] = list(strong_starts(bench.spec, target, imp.kv_group, imp.channel))
+        kl_campaign.cheap_evaluator = lambda metric, tokens=None: cheap
+        profile = measure_profile(kl_campaign, "kl_base")
+        proposals: list[Any] = []
+        if profile is not None:
+            run.notes["profile_variants"] = sum(len(d) for d in (profile.attn, profile.mlp, profile.drop))
+            proposals = profile_solutions(profile, lo, target, PROPOSALS)
+            starts += [(f"profile-{i + 1}", a) for i, a in enumerate(proposals[:2])]
+        run.notes["starts"] = len(starts)
+        record([a for _, a in starts])
+        left = (run.ledger.left() - bench.full_tokens) // per_eval
+        k = verify or max(2, int(bench.args.budget) // 8)
+        request = QueryRequest(model=campaign.name, params=target, tolerance=tol, seed=seed, objectives=("kl_base",))
+
+        def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
+            record(archs)
+
+        if left > 0:
+            report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure, budget=left,
+                                 explore=explore, proposals=proposals, on_round=lambda rnd, doc: rounds.append(rnd))
+            run.notes["stopped"] = report.stopped
+    except BudgetSpent:
+        run.notes["stopped"] = "budget"
+    finally:
+        archive.close()
+    inside = [(a, v) for a, v in measured.values() if lo <= a.params <= target]
+    if inside:
+        run.final = min(inside, key=lambda av: av[1])[0]
+        bench.measure(run, [run.final])   # the pick's perplexities: the only read of the scored text
+        run.notes["pick_kl"] = round(min(v for _, v in inside), 6)
+    run.notes.update(rounds=len(rounds), explore=explore, verify=k if "k" in locals() else None,
+                     kl_evaluations=len(measured), kl_tokens_each=per_eval)
     return sb._timed(run, t0)
 
 
@@ -458,6 +555,8 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
         elif name == "paper":
             k = args.paper_k or max(2, round(18 * args.budget / 64))
             runs.append(sb.method_paper(bench, target, lo, tol, seed, k))
+        elif name == "archopt-kl":
+            runs.append(method_archopt_kl(bench, target, lo, tol, seed, args.explore, args.archopt_verify))
         elif name in ARCHOPT_METHODS:
             screen = 0
             if name == "archopt-screen":

@@ -7,8 +7,9 @@ at each smaller number of KV groups, its MLP at a few kept fractions, or the lay
 are ordinary architectures in the archive (origin ``profile``), so a later query of the same base
 model, at any size, reuses them: a new target needs no new evaluation.
 
-A layer's *damage* is the rise of the metric on the predictor's scale (log for perplexities) over
-the unpruned base under the same cheap protocol. Damages are taken as additive across layers and
+A layer's *damage* is the rise of the metric over the unpruned base under the same cheap protocol:
+of its log for perplexities, of the value itself for ``kl_base`` (the base's own KL is 0, and KL
+divergences of small independent changes add up); ``damage_scale`` says which. Damages are taken as additive across layers and
 between a layer's attention and MLP (NVIDIA Puzzle's and EvoPress' database assumption, which is
 only approximately true); MLP damage is interpolated linearly in the kept fraction between
 measured levels. ``solve`` assembles, by a mixed-integer program (``scipy.optimize.milp``), the
@@ -32,7 +33,15 @@ from .encoding import layer_param_coefficients
 MLP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)   # kept MLP fractions measured per layer
 GRID = 16                                 # MLP widths the program chooses among (interpolated)
 
-__all__ = ["MLP_FRACTIONS", "Profile", "profile_solutions", "profile_starts", "profile_variants", "solve"]
+__all__ = ["MLP_FRACTIONS", "Profile", "damage_scale", "profile_solutions", "profile_starts", "profile_variants", "solve"]
+
+
+def damage_scale(metric: str) -> str | None:
+    """``"log"`` for a perplexity, ``"raw"`` for ``kl_base``: the scale damages of ``metric`` are
+    measured on; None for a metric that has no profile (accuracies)."""
+    if metric.startswith("ppl"):
+        return "log"
+    return "raw" if metric == "kl_base" else None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ perplexities) maps each cheap-only value onto the full protocol's scale, and tho
 training set. The line, its correlation and the rows used are recorded in ``trained_on``; new
 cheap values make a version stale like new full ones.
 
-Sensitivity profile. When the archive holds a perplexity's profile (the single-layer variants of
+Sensitivity profile. When the archive holds a perplexity's or kl_base's profile (the single-layer variants of
 ``optimizer.profile``, measured on the protocol or a cheap fidelity of it), a version also gets
 the profile's summed damages as features (``damage_*``) and the ``profile_trees`` candidate; the
 profile's protocol is recorded in ``trained_on["profile"]``.
@@ -162,13 +162,14 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
 def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol_id: int,
                    min_share: float = 0.9) -> tuple[Any, int, int] | None:
     """``(Profile, protocol id, variants measured)`` of ``base``'s sensitivity profile for a
-    perplexity ``metric``, read from the archive under ``protocol_id`` or its cheaper fidelities (most tokens
-    first) (the first with the base and at least ``min_share`` of
+    perplexity or ``kl_base`` ``metric``, read from the archive under ``protocol_id`` or its cheaper
+    fidelities (most tokens first) (the first with the base and at least ``min_share`` of
     the variants measured); None when there is none."""
-    if not metric.startswith("ppl"):
-        return None
     from archopt.archdb.arch import full
-    from .profile import Profile, profile_variants
+    from .profile import Profile, damage_scale, profile_variants
+    scale = damage_scale(metric)
+    if scale is None:
+        return None
     spec = spec_of(base)
     variants = profile_variants(spec)
     ids = [full(spec).arch_id(base.name)] + [v.architecture.arch_id(base.name) for v in variants]
@@ -177,7 +178,8 @@ def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol_id
         measured = [values.get(i) for i in ids[1:]]
         count = sum(v is not None for v in measured)
         if ids[0] in values and count >= min_share * len(variants):
-            return Profile.from_values(spec, variants, measured, values[ids[0]]), pid, count
+            return (Profile.from_values(spec, variants, measured, values[ids[0]], log_scale=scale == "log"),
+                    pid, count)
     return None
 
 

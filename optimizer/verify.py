@@ -42,13 +42,15 @@ class VerifyError(ArchoptError, RuntimeError):
 
 def measure_profile(campaign: Campaign, metric: str, tokens: int | None = None,
                     on_result: OnResult | None = None) -> Any:
-    """The base model's sensitivity profile (``optimizer.profile.Profile``) of a perplexity
-    ``metric`` on a cheap fidelity of ``campaign``'s protocol (``tokens``; default an eighth):
+    """The base model's sensitivity profile (``optimizer.profile.Profile``) of a perplexity or
+    ``kl_base`` ``metric`` on a cheap fidelity of ``campaign``'s protocol (``tokens``; default an eighth):
     the single-layer variants the archive lacks are measured (origin ``profile``), the rest read
     back, so any later query or run of the same base model and protocol reuses them. None when
     the protocol is too short for a cheaper fidelity or the base has no value."""
-    from .profile import Profile, profile_variants
+    from .profile import Profile, damage_scale, profile_variants
     spec = campaign.base.spec
+    if damage_scale(metric) is None:
+        return None
     try:
         cheap = campaign.cheap_evaluator(metric, tokens)
     except CampaignError:
@@ -58,7 +60,7 @@ def measure_profile(campaign: Campaign, metric: str, tokens: int | None = None,
                                    on_result)
     if values[0] is None:
         return None
-    return Profile.from_values(spec, variants, values[1:], values[0])
+    return Profile.from_values(spec, variants, values[1:], values[0], log_scale=damage_scale(metric) == "log")
 
 
 def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence[str],
@@ -312,9 +314,11 @@ class Verifier:
     def profile(self, doc: dict[str, Any]) -> Any:
         """The base model's sensitivity profile on a cheap fidelity of the first objective
         (``optimizer.profile``): single-layer variants measured where the archive lacks them (origin
-        ``profile``, reused by every later query), or None for an objective that is no perplexity."""
+        ``profile``, reused by every later query), or None for an objective that is neither a
+        perplexity nor ``kl_base``."""
+        from .profile import damage_scale
         objective = doc["objectives"][0]
-        if not objective.startswith("ppl"):
+        if damage_scale(objective) is None:
             return None
         campaign = next(c for c in self.campaigns(doc) if objective in c.settings.metrics)
         return measure_profile(campaign, objective, self.screen_tokens, self.on_profile)

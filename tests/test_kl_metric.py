@@ -198,3 +198,48 @@ def test_predictor_of_kl_base_trains_and_query_verifies(run_cli, sqlite_url, mod
     assert verified[0]["arch_id"] in stored, "verified under another protocol than its predictor's"
     protocol = next(iter(stored.values()))[3]
     assert protocol["tokens"] == 320 and not (protocol.get("extra") or {}).get("top_k")
+
+
+def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli, sqlite_url, model_dir, data_dir,
+                                                                         env):
+    """``query --objectives kl_base --verify K --rounds R --metrics kl_base,ppl_wikitext2``: the
+    loop measures a kl_base sensitivity profile on a cheap fidelity (stored, origin ``profile``,
+    damages on KL's own scale), the predictors learn from it, and every verified architecture has
+    its perplexity too."""
+    from archopt.archdb.arch import full
+    from archopt.optimizer.profile import profile_variants
+    from archopt.optimizer.training import stored_profile
+    common = ("--data-dir", str(data_dir), "--seq-len", "16", "--importance", "l2", "--device", "cpu",
+              "--max-tokens", "2048", "--kl-top-k", "0")
+    r = run_cli("--db", sqlite_url, "evaluate", "--model", str(model_dir), "--metrics", "kl_base,ppl_wikitext2",
+                "--samples", "6", "--uniform", "0.2", "--seed", "3", *common)
+    assert r.code == 0, r.err
+    r = run_cli("--db", sqlite_url, "query", "--model", MODEL, "--params", "80%", "--tolerance", "10%",
+                "--objectives", "kl_base", "--verify", "2", "--rounds", "2", "--metrics", "kl_base,ppl_wikitext2",
+                *common, "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["verified"] and all(v["measured"]["kl_base"] is not None for v in doc["verified"])
+    archive = Archive(sqlite_url)
+    try:
+        with archive.read() as session:
+            base = reads.get_base_model(session, MODEL)
+            pid = reads.default_protocol(session, base, "kl_base")
+            found = stored_profile(session, base, "kl_base", pid)
+            assert found is not None, "no kl_base profile stored"
+            profile, profile_pid, count = found
+            cheap = session.get(reads.m.Protocol, profile_pid)
+            cheap_tokens = cheap.tokens
+            variants = profile_variants(profile.spec)
+            ids = [full(profile.spec).arch_id(MODEL)] + [v.architecture.arch_id(MODEL) for v in variants]
+            values = reads.values_under(session, base, ids, "kl_base", cheap.key)
+            row_ids = [reads.resolve_arch(session, v["arch_id"], base).id for v in doc["verified"]]
+            metrics = reads.live_metrics(session, row_ids)
+    finally:
+        archive.close()
+    assert count > 10 and cheap_tokens < 2048
+    assert values[ids[0]] == pytest.approx(0.0, abs=1e-6)
+    for v, arch_id in zip(variants, ids[1:]):
+        if v.kind == "attn" and arch_id in values:   # the damage is the KL itself, not its log
+            assert profile.attn[(v.layer, v.level)] == pytest.approx(values[arch_id] - values[ids[0]])
+    assert all("ppl_wikitext2" in metrics[row_id] for row_id in row_ids)

@@ -197,3 +197,43 @@ def test_llama_cpp_measurements_never_become_the_default_protocol(archive):
         base = reads.get_base_model(session, "synth")
         chosen = reads.protocol_dict(session, reads.default_protocol(session, base, "ppl_wikitext2"))
     assert chosen.get("runtime", "transformers") == "transformers" and len(archs) == 6
+
+
+def test_a_kl_base_profile_gives_raw_damages_and_features(archive):
+    """kl_base (the base's own KL is 0): a stored profile on a cheap KL fidelity gives damages equal
+    to the measured KL of each single-layer variant, and the next kl_base predictor uses them."""
+    from archopt.archdb import models as m
+    from archopt.archdb import reads
+    from archopt.archdb.protocol import Protocol
+    from archopt.archdb.records import ArchRecord, BaseModelInfo, ValueRecord
+    from archopt.archdb.store import ingest_records
+    from archopt.optimizer.training import stored_profile
+
+    kl = Protocol(dataset="wikitext-2-v1", split="validation", joining="\n\n", tokenizer="synthetic", seq_len=128,
+                  tokens=8192, extra={"reference": "base", "top_k": None})
+    info = BaseModelInfo("synth", SPEC, "hash-synth")
+
+    def store(archs, protocol, origin):
+        values = np.log(TRUTH.ppl(encode(archs, SPEC)) / TRUTH.ppl(encode([full(SPEC)], SPEC))[0])
+        records = [ArchRecord(model="synth", base=info, architecture=a.layer_dicts(), origin=origin,
+                              values=(ValueRecord("kl_base", float(max(0.0, v)), protocol),))
+                   for a, v in zip(archs, values)]
+        with archive.write() as session:
+            ingest_records(session, records)
+        return values
+
+    store(fill.__globals__["random_archive"](SPEC, 30, 3).architectures(), kl, "random")
+    variants = profile_variants(SPEC)
+    measured = store([full(SPEC)] + [v.architecture for v in variants], dataclasses.replace(kl, tokens=1024),
+                     "profile")
+    with archive.read() as session:
+        base = reads.get_base_model(session, "synth")
+        pid = reads.default_protocol(session, base, "kl_base")
+        profile, profile_pid, count = stored_profile(session, base, "kl_base", pid)
+        assert session.get(m.Protocol, profile_pid).tokens == 1024
+    assert count == len(variants)
+    got = {(v.kind, v.layer, v.level): d for v, d in zip(variants, measured[1:])}
+    for (layer, level), damage in profile.mlp.items():
+        assert damage == pytest.approx(max(0.0, got[("mlp", layer, level)]), abs=1e-9)   # raw KL, not its log
+    trained = ensure_predictors(archive, "synth", ["kl_base"])["kl_base"]
+    assert "damage_sum" in trained.predictor.feature_names
