@@ -43,7 +43,7 @@ DEFAULT_MODELS = (str(SHARED / "models" / "ptb-llama-24l"), str(SHARED / "models
 DEFAULT_TARGETS = {"ptb-llama-24l": "60%,50%", "ptb-llama-8l": "80%,70%"}
 METHODS = ("rules", "flap", "evopress", "puzzle", "random", "tpe", "paper", "archopt")
 EXTRA_METHODS = ("nsga2", "archopt-screen", "archopt-exploit", "archopt-noprofile", "archopt-noproposals",
-                 "archopt-refine", "archopt-klprofile", "archopt-kl")
+                 "archopt-refine", "archopt-klprofile", "archopt-kl", "archopt-kl-screen")
 ARCHOPT_METHODS = ("archopt",) + tuple(m for m in EXTRA_METHODS if m.startswith("archopt"))
 NO_SEARCH = ("rule-", "flap", "global-")   # name prefixes of the search-free methods ("never worse than")
 QUICK_BUDGET = 24
@@ -171,14 +171,16 @@ class KLEvaluator:
 
 
 def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int, explore: float,
-                      verify: int | None, profile_windows: int = 8) -> MethodRun:
+                      verify: int | None, profile_windows: int = 8, screen: int = 0) -> MethodRun:
     """archopt searching on ``kl_base`` and reporting perplexity: ``archopt query --objectives
     kl_base --verify K --rounds R`` on the bench's KL pool (WikiText-2 validation, every window:
     ``--kl-pool`` tokens a verification), its sensitivity profile on the first ``profile_windows``
     windows (stored, origin ``profile``: the predictors' damage features and the loop's starts and
     proposals, as ``Verifier.profile`` does for any objective), then one full evaluation of the
     architecture with the least measured KL in the window: the pick. The scored test text is read
-    once, for the pick alone, as EvoPress-style does."""
+    once, for the pick alone, as EvoPress-style does. ``screen`` > 0 (``archopt-kl-screen``,
+    ``--screen N``): each round first measures that many candidates on the profile's few windows
+    and verifies the best of them (EvoPress' multi-stage selection, through the product's loop)."""
     import copy
     import dataclasses
 
@@ -188,7 +190,7 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
     from archopt.optimizer.starts import strong_starts
     from archopt.optimizer.verify import PROPOSALS, measure_profile
     t0 = time.perf_counter()
-    run = bench.run("archopt-kl", target, lo)
+    run = bench.run("archopt-kl-screen" if screen else "archopt-kl", target, lo)
     bench.use_reference(run)
     campaign, archive = bench.bind_archive(bench.work / f"archopt-kl-{target}-{seed}.sqlite")
     pool = list(range(bench.kl_task.n_windows))
@@ -211,6 +213,7 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
                 if value is not None:
                     measured[a.canonical_json()] = (a, float(value))
 
+    run.ledger.limit -= bench.full_tokens   # kept for the pick's full evaluation
     try:
         imp = campaign.importance
         starts: list[Any] = list(strong_starts(bench.spec, target, imp.kv_group, imp.channel))
@@ -223,28 +226,36 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
             starts += [(f"profile-{i + 1}", a) for i, a in enumerate(proposals[:2])]
         run.notes["starts"] = len(starts)
         record([a for _, a in starts])
-        left = (run.ledger.left() - bench.full_tokens) // per_eval
+        left = run.ledger.left() // per_eval
         k = verify or max(2, int(bench.args.budget) // 8)
         request = QueryRequest(model=campaign.name, params=target, tolerance=tol, seed=seed, objectives=("kl_base",))
 
         def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
             record(archs)
 
+        def measure_cheap(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> list[float | None]:
+            return kl_campaign.cheap_values(archs, "kl_base", cheap, "screen")
+
+        if screen:   # the screens share the budget: the rounds stop when it is spent
+            left = max(k, left // 3)
         if left > 0:
-            report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure, budget=left,
-                                 explore=explore, proposals=proposals, on_round=lambda rnd, doc: rounds.append(rnd))
+            report = verify_loop(archive, request, verify=k, rounds=max(1, left), measure=measure,
+                                 budget=None if screen else left, explore=explore, proposals=proposals,
+                                 screen=screen, measure_cheap=measure_cheap if screen else None,
+                                 on_round=lambda rnd, doc: rounds.append(rnd))
             run.notes["stopped"] = report.stopped
     except BudgetSpent:
         run.notes["stopped"] = "budget"
     finally:
         archive.close()
+        run.ledger.limit += bench.full_tokens
     inside = [(a, v) for a, v in measured.values() if lo <= a.params <= target]
     if inside:
         run.final = min(inside, key=lambda av: av[1])[0]
         bench.measure(run, [run.final])   # the pick's perplexities: the only read of the scored text
         run.notes["pick_kl"] = round(min(v for _, v in inside), 6)
     run.notes.update(rounds=len(rounds), explore=explore, verify=k if "k" in locals() else None,
-                     kl_evaluations=len(measured), kl_tokens_each=per_eval)
+                     kl_evaluations=len(measured), kl_tokens_each=per_eval, screen=screen)
     return sb._timed(run, t0)
 
 
@@ -555,8 +566,11 @@ def run_methods(bench: Bench, args: argparse.Namespace, methods: list[str], targ
         elif name == "paper":
             k = args.paper_k or max(2, round(18 * args.budget / 64))
             runs.append(sb.method_paper(bench, target, lo, tol, seed, k))
-        elif name == "archopt-kl":
-            runs.append(method_archopt_kl(bench, target, lo, tol, seed, args.explore, args.archopt_verify))
+        elif name in ("archopt-kl", "archopt-kl-screen"):
+            k = args.archopt_verify or max(2, int(args.budget) // 8)
+            screen = (args.screen if args.screen is not None else 6 * k) if name == "archopt-kl-screen" else 0
+            runs.append(method_archopt_kl(bench, target, lo, tol, seed, args.explore, args.archopt_verify,
+                                          screen=screen))
         elif name in ARCHOPT_METHODS:
             screen = 0
             if name == "archopt-screen":

@@ -181,13 +181,17 @@ def print_query(state: Any, doc: dict[str, Any]) -> None:
 def print_verified(state: Any, doc: dict[str, Any], verified: Sequence[dict[str, Any]]) -> None:
     """Predicted against measured for the verified results of a query document."""
     objectives = doc["objectives"]
+    extra = list(dict.fromkeys(m for v in verified for m in v.get("also_measured", {})))
     ranks = {r["arch_id"]: r.get("rank") for r in doc["results"]}
     table = Table(title="predicted against measured")
-    for header in ("#", "arch", *[f"{o} pred" for o in objectives], *[f"{o} meas" for o in objectives]):
+    for header in ("#", "arch", *[f"{o} pred" for o in objectives], *[f"{o} meas" for o in objectives],
+                   *[f"{m} meas" for m in extra]):
         table.add_column(header)
     for v in verified:
+        also = v.get("also_measured", {})
         table.add_row(str(ranks.get(v["arch_id"]) or "n"), v["arch_id"][:10],
-                      *[cell(v["predicted"].get(o)) for o in objectives], *[cell(v["measured"][o]) for o in objectives])
+                      *[cell(v["predicted"].get(o)) for o in objectives], *[cell(v["measured"][o]) for o in objectives],
+                      *[cell(also.get(m)) for m in extra])
     state.out.print(table)
 
 

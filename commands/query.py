@@ -319,5 +319,7 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
                     + (f", {report.screened} screened" if v.screen else "")
                     + (f", {len(report.exchange)} exchange steps ({sum(s.accepted for s in report.exchange)} improved)"
                        if v.refine else "")
-                    + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]})" if best else ""))
+                    + (f"; best measured {obj} = {best['measured'][obj]:.4g} ({best['arch_id'][:12]}"
+                       + "".join(f"; {m} {v:.4g}" for m, v in best.get("also_measured", {}).items() if v is not None)
+                       + ")" if best else ""))
     state.out.print(standing_line(doc["verification"]))

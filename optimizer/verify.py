@@ -268,16 +268,25 @@ class Verifier:
 
     def measured(self, rows: Sequence[dict[str, Any]], doc: dict[str, Any]) -> list[dict[str, Any]]:
         """For each result row: its id, predictions and the archive's value of every objective under
-        the protocol it was verified with (None where unmeasured)."""
+        the protocol it was verified with (None where unmeasured); ``also_measured``: the extra
+        metrics' values (e.g. the perplexity of a search on ``kl_base``), when there are any."""
         keys: dict[str, str] = {}
         for campaign in self.campaigns(doc):
             keys.update(campaign.protocol_keys())
         ids = [r["arch_id"] for r in rows]
+        extra = [m for m in dict.fromkeys(self.extra_metrics) if m not in doc["objectives"] and m in keys]
         with self.archive.read() as session:
             base = reads.get_base_model(session, self.model)
-            values = {o: reads.values_under(session, base, ids, o, keys[o]) for o in doc["objectives"] if o in keys}
-        return [{"arch_id": r["arch_id"], "predicted": r["predicted"],
-                 "measured": {o: values.get(o, {}).get(r["arch_id"]) for o in doc["objectives"]}} for r in rows]
+            values = {o: reads.values_under(session, base, ids, o, keys[o])
+                      for o in [*doc["objectives"], *extra] if o in keys}
+        out = []
+        for r in rows:
+            row = {"arch_id": r["arch_id"], "predicted": r["predicted"],
+                   "measured": {o: values.get(o, {}).get(r["arch_id"]) for o in doc["objectives"]}}
+            if extra:
+                row["also_measured"] = {m: values[m].get(r["arch_id"]) for m in extra}
+            out.append(row)
+        return out
 
     def verify(self, doc: dict[str, Any], k: int, on_result: OnResult | None = None) -> list[dict[str, Any]]:
         """Measure the top ``k`` results of a query document; returns ``measured`` of them."""

@@ -220,6 +220,7 @@ def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli
     assert r.code == 0, r.err
     doc = json.loads(r.out)
     assert doc["verified"] and all(v["measured"]["kl_base"] is not None for v in doc["verified"])
+    assert all(v["also_measured"]["ppl_wikitext2"] > 1 for v in doc["verified"])   # the reported metric
     archive = Archive(sqlite_url)
     try:
         with archive.read() as session:
