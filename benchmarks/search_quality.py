@@ -154,7 +154,8 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
 class KLEvaluator:
     """``kl_base`` over the bench's KL pool (``windows`` of it) as a ``Campaign`` evaluator: every
     measurement goes through ``Bench.measure_kl``, so it is charged to ``run`` (the shared cache
-    saves time, never tokens)."""
+    saves time, never tokens). ``values``: canonical JSON -> (architecture, value) of every
+    measurement paid, kept as it is made (a batch cut short by the budget keeps what it paid for)."""
 
     def __init__(self, bench: Bench, run: MethodRun, windows: list[int]) -> None:
         from types import SimpleNamespace
@@ -162,10 +163,12 @@ class KLEvaluator:
         self.tasks = {"kl_base": SimpleNamespace(protocol=bench.kl_task.protocol(windows))}
         self.metrics = ("kl_base",)
         self.forwarded_tokens = 0
+        self.values: dict[str, tuple[Any, float]] = {}
 
     def evaluate_architecture(self, base: Any, arch: Any, importance: Any) -> list[Any]:
         from archopt.archdb.protocol import Measurement
         value = self.bench.measure_kl(self.run, [arch], self.windows)[0]
+        self.values[arch.canonical_json()] = (arch, value)
         self.forwarded_tokens = self.bench.kl_task.tokens_of(self.windows)
         return [Measurement("kl_base", value, self.tasks["kl_base"].protocol, device=self.bench.args.device)]
 
@@ -176,7 +179,7 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
     kl_base --verify K --rounds R`` on the bench's KL pool (WikiText-2 validation, every window:
     ``--kl-pool`` tokens a verification), its sensitivity profile on the first ``profile_windows``
     windows (stored, origin ``profile``: the predictors' damage features and the loop's starts and
-    proposals, as ``Verifier.profile`` does for any objective), then one full evaluation of the
+    proposals, as ``Verifier.profile`` does for a perplexity or ``kl_base``), then one full evaluation of the
     architecture with the least measured KL in the window: the pick. The scored test text is read
     once, for the pick alone, as EvoPress-style does. ``screen`` > 0 (``archopt-kl-screen``,
     ``--screen N``): each round first measures that many candidates on the profile's few windows
@@ -192,7 +195,7 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
     t0 = time.perf_counter()
     run = bench.run("archopt-kl-screen" if screen else "archopt-kl", target, lo)
     bench.use_reference(run)
-    campaign, archive = bench.bind_archive(bench.work / f"archopt-kl-{target}-{seed}.sqlite")
+    campaign, archive = bench.bind_archive(bench.work / f"{run.name}-{target}-{seed}.sqlite")
     pool = list(range(bench.kl_task.n_windows))
     kl_campaign = copy.copy(campaign)
     kl_campaign.evaluator = KLEvaluator(bench, run, pool)
@@ -200,18 +203,11 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
     cheap = KLEvaluator(bench, run, pool[:profile_windows])
     per_eval = bench.kl_task.tokens_of(pool)
     rounds: list[Any] = []
-    measured: dict[str, tuple[Any, float]] = {}
+    measured = kl_campaign.evaluator.values   # every full-pool KL value paid for
+    k = verify or max(2, int(bench.args.budget) // 8)
 
     def record(archs: list[Any]) -> None:
-        report = kl_campaign.run([(a, "verify") for a in archs])
-        for a, r in zip(archs, report.results):
-            got = [m.value for m in r.measurements if m.metric == "kl_base"]
-            if got:
-                measured[a.canonical_json()] = (a, float(got[0]))
-            elif a.canonical_json() not in measured:   # measured before (in the archive): read it back
-                value = kl_campaign.cheap_values([a], "kl_base", kl_campaign.evaluator, "verify")[0]
-                if value is not None:
-                    measured[a.canonical_json()] = (a, float(value))
+        kl_campaign.run([(a, "verify") for a in archs])
 
     run.ledger.limit -= bench.full_tokens   # kept for the pick's full evaluation
     try:
@@ -227,7 +223,6 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
         run.notes["starts"] = len(starts)
         record([a for _, a in starts])
         left = run.ledger.left() // per_eval
-        k = verify or max(2, int(bench.args.budget) // 8)
         request = QueryRequest(model=campaign.name, params=target, tolerance=tol, seed=seed, objectives=("kl_base",))
 
         def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
@@ -254,7 +249,7 @@ def method_archopt_kl(bench: Bench, target: int, lo: int, tol: float, seed: int,
         run.final = min(inside, key=lambda av: av[1])[0]
         bench.measure(run, [run.final])   # the pick's perplexities: the only read of the scored text
         run.notes["pick_kl"] = round(min(v for _, v in inside), 6)
-    run.notes.update(rounds=len(rounds), explore=explore, verify=k if "k" in locals() else None,
+    run.notes.update(rounds=len(rounds), explore=explore, verify=k,
                      kl_evaluations=len(measured), kl_tokens_each=per_eval, screen=screen)
     return sb._timed(run, t0)
 

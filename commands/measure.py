@@ -116,11 +116,15 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
 
 def profile_starts(state: State, campaign: Any, lo: int, target: int) -> list[tuple[str, Any]]:
     """The least-damage architectures in ``[lo, target]`` of the base model's sensitivity profile
-    on the first perplexity measured (measured once per base model and protocol, then read from
-    the archive); none without a perplexity or a protocol long enough for a cheaper fidelity."""
+    on the first perplexity measured, else on ``kl_base`` (measured once per base model and
+    protocol, then read from the archive); none without either or a protocol long enough for a
+    cheaper fidelity."""
+    from archopt.optimizer.profile import damage_scale
     from archopt.optimizer.profile import profile_starts as solve_starts
     from archopt.optimizer.verify import measure_profile
-    metric = next((m for m in campaign.settings.metrics if m.startswith("ppl")), None)
+    metrics = campaign.settings.metrics
+    metric = next((m for m in metrics if m.startswith("ppl")), None) or \
+        next((m for m in metrics if damage_scale(m) is not None), None)
     if metric is None:
         return []
 

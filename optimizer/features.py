@@ -21,8 +21,9 @@ per-layer (``*_imp_l{i}``, model set), mean and profile features.
 
 Optional sensitivity profile (``optimizer.profile.Profile``, measured single-layer damages): the
 additive model's summed damages of an architecture, ``damage_attn``, ``damage_mlp``,
-``damage_drop`` and ``damage_sum`` (log-metric rise over the base on the profile's cheap
-protocol). One number that already ranks architectures well; the predictors learn what the
+``damage_drop`` and ``damage_sum`` (the rise over the base on the profile's cheap protocol: of
+the log for perplexities, of KL itself for ``kl_base``, whose predictor's log target the line
+then meets only approximately). One number that already ranks architectures well; the predictors learn what the
 additive model misses (``profile_trees`` fits a line on it and trees on the residual).
 """
 

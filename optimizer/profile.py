@@ -82,7 +82,8 @@ def _with(spec: BaseSpec, layer: int, spec_layer: LayerSpec) -> Architecture:
 
 @dataclass(frozen=True)
 class Profile:
-    """Measured damages of single-layer variants (on the predictor's scale, base subtracted)."""
+    """Measured damages of single-layer variants (base subtracted; on a log scale for perplexities,
+    raw for ``kl_base``: ``damage_scale``)."""
 
     spec: BaseSpec
     attn: dict[tuple[int, int], float]      # (layer, kv groups kept) -> damage

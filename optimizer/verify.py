@@ -45,8 +45,9 @@ def measure_profile(campaign: Campaign, metric: str, tokens: int | None = None,
     """The base model's sensitivity profile (``optimizer.profile.Profile``) of a perplexity or
     ``kl_base`` ``metric`` on a cheap fidelity of ``campaign``'s protocol (``tokens``; default an eighth):
     the single-layer variants the archive lacks are measured (origin ``profile``), the rest read
-    back, so any later query or run of the same base model and protocol reuses them. None when
-    the protocol is too short for a cheaper fidelity or the base has no value."""
+    back, so any later query or run of the same base model and protocol reuses them. None for a
+    metric without a damage scale (``profile.damage_scale``), when the protocol is too short for a
+    cheaper fidelity or when the base has no value."""
     from .profile import Profile, damage_scale, profile_variants
     spec = campaign.base.spec
     if damage_scale(metric) is None:
@@ -296,7 +297,7 @@ class Verifier:
 
     def strong_starts(self, doc: dict[str, Any]) -> list[tuple[str, Architecture]]:
         """The search-free starts at the query's target: the rules of thumb and global allocations
-        of the loaded model's importance (``optimizer.starts``) and, for a perplexity objective,
+        of the loaded model's importance (``optimizer.starts``) and, for a perplexity or ``kl_base`` objective,
         the least-damage architecture of the sensitivity profile (``profile``) and the next-best
         one: ``verify_loop``'s ``starts``."""
         from .profile import profile_starts

@@ -206,6 +206,9 @@ def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli
     loop measures a kl_base sensitivity profile on a cheap fidelity (stored, origin ``profile``,
     damages on KL's own scale), the predictors learn from it, and every verified architecture has
     its perplexity too."""
+    from sqlalchemy import select
+
+    from archopt.archdb import models as m
     from archopt.archdb.arch import full
     from archopt.optimizer.profile import profile_variants
     from archopt.optimizer.training import stored_profile
@@ -234,11 +237,17 @@ def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli
             variants = profile_variants(profile.spec)
             ids = [full(profile.spec).arch_id(MODEL)] + [v.architecture.arch_id(MODEL) for v in variants]
             values = reads.values_under(session, base, ids, "kl_base", cheap.key)
+            version = session.scalars(select(m.PredictorVersion).where(
+                m.PredictorVersion.base_model_id == base.id, m.PredictorVersion.metric == "kl_base")
+                .order_by(m.PredictorVersion.version.desc())).first()
+            learned_from = (version.trained_on.get("profile") or {}).get("protocol_id")
+            features = list(version.features["names"])
             row_ids = [reads.resolve_arch(session, v["arch_id"], base).id for v in doc["verified"]]
             metrics = reads.live_metrics(session, row_ids)
     finally:
         archive.close()
     assert count > 10 and cheap_tokens < 2048
+    assert learned_from == profile_pid and "damage_sum" in features   # the predictors learned from it
     assert values[ids[0]] == pytest.approx(0.0, abs=1e-6)
     for v, arch_id in zip(variants, ids[1:]):
         if v.kind == "attn" and arch_id in values:   # the damage is the KL itself, not its log
