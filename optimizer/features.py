@@ -23,8 +23,9 @@ Optional sensitivity profile (``optimizer.profile.Profile``, measured single-lay
 additive model's summed damages of an architecture, ``damage_attn``, ``damage_mlp``,
 ``damage_drop`` and ``damage_sum`` (the rise over the base on the profile's cheap protocol: of
 the log for perplexities, of KL itself for ``kl_base``, whose predictor's log target the line
-then meets only approximately). One number that already ranks architectures well; the predictors learn what the
-additive model misses (``profile_trees`` fits a line on it and trees on the residual).
+then meets only approximately). One number that already ranks architectures well; the
+predictors learn what the additive model misses (``profile_trees`` fits a line on it and trees
+on the residual).
 """
 
 from __future__ import annotations

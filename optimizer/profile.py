@@ -9,10 +9,10 @@ model, at any size, reuses them: a new target needs no new evaluation.
 
 A layer's *damage* is the rise of the metric over the unpruned base under the same cheap protocol:
 of its log for perplexities, of the value itself for ``kl_base`` (the base's own KL is 0, and KL
-divergences of small independent changes add up); ``damage_scale`` says which. Damages are taken as additive across layers and
-between a layer's attention and MLP (NVIDIA Puzzle's and EvoPress' database assumption, which is
-only approximately true); MLP damage is interpolated linearly in the kept fraction between
-measured levels. ``solve`` assembles, by a mixed-integer program (``scipy.optimize.milp``), the
+divergences of small independent changes add up); ``damage_scale`` says which. Damages are taken
+as additive across layers and between a layer's attention and MLP (NVIDIA Puzzle's and EvoPress'
+database assumption, which is only approximately true); MLP damage is interpolated linearly in
+the kept fraction between measured levels. ``solve`` assembles, by a mixed-integer program (``scipy.optimize.milp``), the
 architecture of least total damage in the size window ``[lo, target]``: a strong start for the
 verification rounds, measured for real before it is trusted.
 
@@ -33,7 +33,8 @@ from .encoding import layer_param_coefficients
 MLP_FRACTIONS = (0.75, 0.5, 0.25, 0.125)   # kept MLP fractions measured per layer
 GRID = 16                                 # MLP widths the program chooses among (interpolated)
 
-__all__ = ["MLP_FRACTIONS", "Profile", "damage_scale", "profile_solutions", "profile_starts", "profile_variants", "solve"]
+__all__ = ["MLP_FRACTIONS", "Profile", "damage_scale", "profile_solutions", "profile_starts", "profile_variants",
+           "solve"]
 
 
 def damage_scale(metric: str) -> str | None:
