@@ -98,12 +98,12 @@ def evaluate(state: State, model_ref: str, name: str | None, samples: int, sampl
     archs += [(a, "uniform") for a in uniform_baselines(spec, uniform_values, layer_idx)]
     archs += [(parse_arch(state, campaign.name, spec, t), "ingest") for t in arch_texts]
     if with_starts:
-        from archopt.optimizer.starts import strong_starts, summary
+        from archopt.optimizer.starts import start_origin, strong_starts, summary
         found = strong_starts(spec, target, campaign.importance.kv_group, campaign.importance.channel)
         found += profile_starts(state, campaign, int(target * (1 - tol)), target)
         for rule, arch in found:
             state.err.print(f"start {rule}: {summary(arch)}", markup=False)
-        archs += [(a, "uniform" if rule == "uniform" else "rule") for rule, a in found]
+        archs += [(a, start_origin(rule)) for rule, a in found]
     if samples:
         archs += [(a, "random") for a in sample_architectures(
             spec, samples, sampler, seed=seed, layers=layer_idx, ratios=ratio_values or (0.1, 0.2, 0.3, 0.4, 0.5),

@@ -43,8 +43,9 @@ class VerifyOptions:
 
 
 VERIFY_OPTIONS = (
-    click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure K for real (K >= 2: the best-ranked rules of thumb and global "
-                      "allocations first, then the top results; --no-starts: the top K)."),
+    click.option("--verify", type=click.IntRange(min=0), default=0, help="Prune and measure K for real (K >= 2: the sensitivity profile's least-damage "
+                      "architecture, the best-ranked rules of thumb and global allocations first, then the "
+                      "top results; --no-starts: the top K)."),
     click.option("--queue", "to_queue", is_flag=True,
                  help="With --verify K: enqueue the top K for `archopt worker`s instead (PostgreSQL archive)."),
     click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -64,9 +65,10 @@ VERIFY_OPTIONS = (
     click.option("--weights", default=None, help="Base weights for --verify (default: the archive's location)."),
     click.option("--starts/--no-starts", default=True, show_default=True,
                  help="With --verify: first measure the search-free starts at the target (rules of thumb such "
-                      "as MLP-only on LLM-Pruner's layer range, global allocations of the importance; with "
-                      "--rounds also the least-damage architectures of the sensitivity profile, measured once "
-                      "per base model). One round (--verify K >= 2) measures those ranked best, within K."),
+                      "as MLP-only on LLM-Pruner's layer range, global allocations of the importance, the "
+                      "least-damage architectures of the sensitivity profile, measured once per base model). "
+                      "One round (--verify K >= 2) measures the profile's best and those ranked best, within "
+                      "K; its profile, if new, costs about K/2 full evaluations' worth."),
 )
 verify_options = bundled_options(VERIFY_OPTIONS, VerifyOptions, "verification")
 
@@ -242,8 +244,9 @@ def one_round_starts(v: VerifyOptions) -> int:
 def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: EvalOptions, as_json: bool) -> None:
     """``query --verify K --rounds R [--screen N]``: ``optimizer.loop.verify_loop`` measuring through
     one ``Verifier`` (one loaded model). A one-round ``--verify K`` (K >= 2) comes here too: the
-    rules of thumb and global allocations the predictors rank best, then the search's picks, K in
-    all (no sensitivity profile: it would cost more than K full evaluations; it runs with --rounds)."""
+    least-damage architecture of the sensitivity profile (measured, when the archive has none, on
+    a fidelity that costs about K/2 full evaluations), the rules of thumb and global allocations
+    the predictors rank best, then the search's picks, K in all."""
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import run_query
     from archopt.optimizer.verify import VerifyError
@@ -261,8 +264,9 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     verifier.on_profile = profiled
     verifier.allow_drop = request.allow_drop
     one_round = one_round_starts(v)
-    if one_round:
-        verifier.with_profile = False   # rules of thumb and allocations only, within the K
+    if one_round:   # a profile measured now costs at most about K/2 full evaluations' worth
+        verifier.profile_budget = v.verify / 2
+        verifier.profile_start_count = 1        # its next-best solutions differ little: rules take the other slots
 
     def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         if not as_json:
@@ -300,7 +304,8 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
                          refine=v.refine, on_exchange=exchanged,
                          starts=verifier.strong_starts if v.starts else (),
                          proposals=verifier.proposals if v.starts and not one_round else (),
-                         budget=v.verify if one_round else None, max_starts=one_round or None)
+                         budget=v.verify if one_round else None, max_starts=one_round or None,
+                         lead_starts=("profile-1",) if one_round else ())
     # the final answer, from predictors that learned from every round
     doc = run_query(state.archive, dataclasses.replace(request, seed=request.seed + len(report.rounds)))
     doc["verified"] = verified

@@ -183,7 +183,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 starts: Sequence[Architecture | tuple[str, Architecture]]
                 | Callable[[dict[str, Any]], Sequence[Architecture | tuple[str, Architecture]]] = (),
                 proposals: Sequence[Architecture] | Callable[[dict[str, Any]], Sequence[Architecture]] = (),
-                max_starts: int | None = None, refine: int = 0,
+                max_starts: int | None = None, lead_starts: Sequence[str] = (), refine: int = 0,
                 on_exchange: Callable[[ExchangeStep], Any] | None = None) -> LoopReport:
     """Run up to ``rounds`` rounds of query -> verify ``verify`` -> retrain (see the module doc).
 
@@ -205,7 +205,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     strong_starts(spec, doc["target_params"], imp.kv_group, imp.channel)``, loading the model
     only once a round needs it.
     ``max_starts``: measure at most this many starts (those the predictors rank best; also when
-    ``budget`` leaves fewer). ``proposals``: architectures (or a callable of the round's query document returning them)
+    ``budget`` leaves fewer), those named in ``lead_starts`` ahead of the ranking. ``proposals``: architectures (or a callable of the round's query document returning them)
     that join each round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
     ``refine``: channel-exchange steps after the rounds (needs ``measure_cheap``; each measures one
     architecture in full, not counted in ``budget``), each reported to ``on_exchange``.
@@ -244,9 +244,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
             rows = _start_rows(archive, doc, spec, starts(doc) if callable(starts) else starts)
             cap = min(x for x in (max_starts, None if budget is None else budget - spent, len(rows)) if x is not None)
             if cap < len(rows):   # the most promising ones, by the predictors
-                def promise(p: dict[str, Any]) -> float:
+                def promise(p: dict[str, Any]) -> tuple[bool, float]:
                     v = p["predicted"].get(objective)
-                    return sign * v if v is not None and math.isfinite(v) else math.inf
+                    return p["start"] not in lead_starts, sign * v if v is not None and math.isfinite(v) else math.inf
                 rows = sorted(rows, key=promise)[:cap]
             if rows:
                 t = time.perf_counter()

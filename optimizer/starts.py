@@ -44,7 +44,7 @@ from archopt.archdb.arch import (DEFAULT_CHANNEL_MULTIPLE, Architecture, Archite
 from .encoding import layer_param_coefficients
 
 __all__ = ["RULES", "NORMALIZATIONS", "prunable_range", "rule_of_thumb", "rules_of_thumb", "global_allocation",
-           "strong_starts", "summary"]
+           "start_origin", "strong_starts", "summary"]
 
 RULES: tuple[str, ...] = ("uniform", "llm_pruner_range", "mlp_only", "mlp_only_range")
 NORMALIZATIONS: tuple[str, ...] = ("standardize", "mean", "none")
@@ -253,6 +253,16 @@ def strong_starts(spec: BaseSpec, target_params: int, kv_group_scores: np.ndarra
             seen.add(arch.canonical_json())
             out.append((name, arch))
     return out
+
+
+def start_origin(name: str) -> str:
+    """The archive origin of a strong start named ``name``: ``uniform``, ``rule`` for the other
+    search-free starts (rules of thumb, global allocations), ``search`` for the sensitivity
+    profile's integer-program solutions (``profile-1``, ...), which are searched, not ruled: an
+    answer's standing against the best rule of thumb leaves them out."""
+    if name == "uniform":
+        return "uniform"
+    return "search" if name.startswith("profile") else "rule"
 
 
 def summary(arch: Architecture) -> str:

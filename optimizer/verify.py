@@ -31,7 +31,7 @@ from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 OnResult = Callable[[int, int, Any], Any]
 PROPOSALS = 24   # the profile's next-best integer-program solutions offered to each round
 
-__all__ = ["CampaignCache", "VerifyError", "Verifier", "measure_profile", "measurement_settings", "metric_protocols",
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "budget_tokens", "measure_profile", "measurement_settings", "metric_protocols",
            "origin_of",
            "reachable", "shortfall", "standing"]
 
@@ -62,6 +62,18 @@ def measure_profile(campaign: Campaign, metric: str, tokens: int | None = None,
     if values[0] is None:
         return None
     return Profile.from_values(spec, variants, values[1:], values[0], log_scale=damage_scale(metric) == "log")
+
+
+def budget_tokens(campaign: Campaign, metric: str, evaluations: float) -> int:
+    """Tokens per single-layer variant for a sensitivity profile of ``metric`` that costs about
+    ``evaluations`` full evaluations' worth of ``campaign``'s protocol: whole windows, at least one,
+    at most the default cheap fidelity's (``Campaign.cheap_evaluator``)."""
+    from .profile import profile_variants
+    protocol = campaign.evaluator.tasks[metric].protocol
+    full_tokens = int(protocol.tokens or 0)
+    seq = int(protocol.seq_len or campaign.settings.seq_len)
+    per_variant = evaluations * full_tokens / (len(profile_variants(campaign.base.spec)) + 1)
+    return int(min(max(seq, per_variant // seq * seq), max(8 * seq, full_tokens // 8)))
 
 
 def measurement_settings(protocols: dict[str, dict[str, Any]], metrics: Sequence[str],
@@ -124,10 +136,11 @@ def _protocol_options(metric: str, p: dict[str, Any] | None, defaults: EvalSetti
 
 
 def origin_of(row: dict[str, Any]) -> str:
-    """The archive origin of a verified result row: a strong start of ``verify_loop`` is stored as
-    the rule it is (``uniform`` or ``rule``), anything else as ``verify``."""
+    """The archive origin of a verified result row: a strong start of ``verify_loop`` as
+    ``starts.start_origin`` says (``uniform``, ``rule`` or ``search``), anything else ``verify``."""
     if row.get("origin") == "start":
-        return "uniform" if row.get("start") == "uniform" else "rule"
+        from .starts import start_origin
+        return start_origin(str(row.get("start")))
     return "verify"
 
 
@@ -244,6 +257,8 @@ class Verifier:
                               f"({self.location or 'no location recorded'}); pass --weights PATH")
         self.screen_tokens: int | None = None
         self.with_profile = True                      # strong_starts measures and solves the profile
+        self.profile_budget: float | None = None      # full evaluations' worth a new profile may cost (None: an eighth)
+        self.profile_start_count = 2                  # the profile's least-damage architectures among the starts
         self.proposal_count = PROPOSALS               # the profile's next-best solutions offered per round
         self.allow_drop = False                       # profile starts and proposals may drop layers (--allow-drop)
         self._solutions: dict[tuple[int, int], list[Architecture]] = {}
@@ -298,15 +313,15 @@ class Verifier:
     def strong_starts(self, doc: dict[str, Any]) -> list[tuple[str, Architecture]]:
         """The search-free starts at the query's target: the rules of thumb and global allocations
         of the loaded model's importance (``optimizer.starts``) and, for a perplexity or ``kl_base`` objective,
-        the least-damage architecture of the sensitivity profile (``profile``) and the next-best
-        one: ``verify_loop``'s ``starts``."""
+        the ``profile_start_count`` least-damage architectures of the sensitivity profile
+        (``profile``): ``verify_loop``'s ``starts``."""
         from .profile import profile_starts
         from .starts import strong_starts
         importance = self.campaigns(doc)[0].importance
         found = strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
         profile = self.profile(doc) if self.with_profile else None
         if profile is not None:
-            found += profile_starts(profile, *doc["window"], allow_drop=self.allow_drop)
+            found += profile_starts(profile, *doc["window"], n=self.profile_start_count, allow_drop=self.allow_drop)
         return found
 
     def proposals(self, doc: dict[str, Any]) -> list[Architecture]:
@@ -325,13 +340,35 @@ class Verifier:
         """The base model's sensitivity profile on a cheap fidelity of the first objective
         (``optimizer.profile``): single-layer variants measured where the archive lacks them (origin
         ``profile``, reused by every later query), or None for an objective that is neither a
-        perplexity nor ``kl_base``."""
+        perplexity nor ``kl_base``. With ``profile_budget``, a profile the archive holds on any
+        cheap fidelity of the protocol is used as it is; else one is measured on as many tokens per
+        variant as the budget allows (``budget_tokens``)."""
         from .profile import damage_scale
         objective = doc["objectives"][0]
         if damage_scale(objective) is None:
             return None
         campaign = next(c for c in self.campaigns(doc) if objective in c.settings.metrics)
-        return measure_profile(campaign, objective, self.screen_tokens, self.on_profile)
+        tokens = self.screen_tokens
+        if self.profile_budget is not None:
+            stored = self._stored_profile(campaign, objective)
+            if stored is not None:
+                return stored
+            tokens = budget_tokens(campaign, objective, self.profile_budget)
+        return measure_profile(campaign, objective, tokens, self.on_profile)
+
+    def _stored_profile(self, campaign: Campaign, metric: str) -> Any:
+        """The archive's profile of ``metric`` under a cheap fidelity of ``campaign``'s protocol
+        (``training.stored_profile``: the most tokens first), or None."""
+        from archopt.archdb import models as m
+        from sqlalchemy import select
+        from .training import stored_profile
+        key = campaign.protocol_keys()[metric]
+        with self.archive.read() as session:
+            pid = session.scalar(select(m.Protocol.id).where(m.Protocol.key == key))
+            if pid is None:
+                return None
+            found = stored_profile(session, reads.get_base_model(session, self.model), metric, pid)
+        return None if found is None else found[0]
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
                       on_screening: Callable[[str, int, int], Any] | None = None) -> list[float | None]:

@@ -6,11 +6,13 @@ import dataclasses
 import json
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from archopt.archdb import Archive
 from archopt.archdb import models as m
+from archopt.archdb.arch import BaseSpec
 from archopt.optimizer.campaign import EvalSettings
+from archopt.optimizer.profile import profile_variants
 from archopt.optimizer.verify import measurement_settings
 
 from helpers.cli_runs import evaluate
@@ -111,9 +113,12 @@ def test_rounds_measure_the_strong_starts_first(run_cli, sqlite_url, model_dir, 
 
 @pytest.mark.slow
 def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url, model_dir, data_dir, env):
-    """``query --verify K`` (one round, K >= 2) spends all but a quarter of K on the rules of thumb and
-    global allocations its predictors rank best, the rest on its own top results: K in all, and the
-    answer stands against the best rule measured; ``--verify 1`` and ``--no-starts`` verify the top."""
+    """``query --verify K`` (one round, K >= 2) spends all but a quarter of K on strong starts: the
+    sensitivity profile's least-damage architecture first (the profile measured on one window per
+    variant, about K/2 evaluations' worth, and reused by the next query), then the rules of thumb
+    and global allocations its predictors rank best; the rest on its own top results: K in all, and
+    the answer stands against the best rule measured, not the profile's solution; ``--verify 1``
+    and ``--no-starts`` verify the top."""
     r = evaluate(run_cli, sqlite_url, model_dir, data_dir, "--samples", "6", "--seed", "1", "--importance", "l2",
                  "--metrics", "ppl_wikitext2", "--max-tokens", "160")
     assert r.code == 0, r.err
@@ -132,10 +137,36 @@ def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url,
             origins = {a.arch_hash: a.origin for a in session.scalars(select(m.Architecture))}
     finally:
         archive.close()
-    assert {origins[a] for a in first["starts"]} <= {"rule", "uniform"}
-    assert "profile" not in origins.values()   # one round measures no sensitivity profile
-    assert doc["verification"]["standing"]["best_rule"] is not None
+    assert origins[first["starts"][0]] == "search"   # the profile's integer-program solution leads
+    assert origins[first["starts"][1]] in {"rule", "uniform"}
+
+    def profile_tokens() -> list[tuple[int, int]]:
+        archive = Archive(sqlite_url)
+        try:
+            with archive.read() as session:
+                return session.execute(
+                    select(m.Protocol.tokens, func.count())
+                    .join(m.Evaluation, m.Evaluation.protocol_id == m.Protocol.id)
+                    .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
+                    .where(m.Architecture.origin == "profile").group_by(m.Protocol.tokens)).all()
+        finally:
+            archive.close()
+
+    # 3/2 evaluations' worth of 160 tokens is under a window per variant: one window (16 tokens) each
+    # (the base, measured on it too, keeps its origin)
+    assert profile_tokens() == [(16, len(profile_variants(spec_of_dir(model_dir))))]
+    assert doc["verification"]["standing"]["best_rule"]["origin"] in ("uniform", "rule")
+    spent = doc["verification"]["forwarded_tokens"]
+    assert spent >= 3 * 160 + 16 * len(profile_variants(spec_of_dir(model_dir)))
+    # another size, a larger K (5 evaluations' worth: 32 tokens a variant if new): the stored profile serves
+    r = run_cli(*args[:6], "88%", *args[7:], "--verify", "10")
+    assert r.code == 0, r.err
+    assert profile_tokens() == [(16, len(profile_variants(spec_of_dir(model_dir))))]
     for extra in (("--verify", "1"), ("--verify", "2", "--no-starts")):
         r = run_cli(*args, *extra, "--seed", "3")
         assert r.code == 0, r.err
         assert "rounds" not in json.loads(r.out)
+
+
+def spec_of_dir(model_dir) -> BaseSpec:
+    return BaseSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
