@@ -3,6 +3,7 @@ size, measured on the full protocol, for MLP grids of the profile, with and with
 
     python benchmarks/profile_starts.py [--model ../shared/models/ptb-llama-24l] [--params 0.6]
         [--db sqlite:///benchmarks/results/work-profile-starts/archive.sqlite] [--solutions 2]
+        [--cheap-tokens 1024] [--max-tokens 8192] [--out FILE]
 
 The profile's single-layer variants are measured on WikiText-2's first ``--cheap-tokens`` tokens
 (1,024: the benchmark's cheap fidelity), the solutions on the first ``--max-tokens`` (8,192), seq
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cheap-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--solutions", type=int, default=2)
+    ap.add_argument("--out", default=None, help="results JSON (default results/profile_starts-<model>-<pct>pct.json)")
     args = ap.parse_args(argv)
     if args.db is None:
         work = ROOT / "results" / "work-profile-starts"
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"(d {[f'{100 * d:+.2f}%' for d in row['d']]}), dropped {row['dropped_layers']}", flush=True)
     doc = {"model": Path(args.model).name, "target_share": args.params, "window": [lo, target], "base_ppl": base,
            "cheap_tokens": args.cheap_tokens, "max_tokens": args.max_tokens, "rows": rows}
-    out = ROOT / "results" / f"profile_starts-{doc['model']}-{round(100 * args.params)}pct.json"
+    out = Path(args.out) if args.out else ROOT / "results" / f"profile_starts-{doc['model']}-{round(100 * args.params)}pct.json"
     out.write_text(json.dumps(doc, indent=2))
     archive.close()
     return doc

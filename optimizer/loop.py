@@ -205,8 +205,9 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
     strong_starts(spec, doc["target_params"], imp.kv_group, imp.channel)``, loading the model
     only once a round needs it.
     ``max_starts``: measure at most this many starts (those the predictors rank best; also when
-    ``budget`` leaves fewer), those named in ``lead_starts`` ahead of the ranking. ``proposals``: architectures (or a callable of the round's query document returning them)
-    that join each round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
+    ``budget`` leaves fewer), those named in ``lead_starts`` ahead of the ranking. ``proposals``:
+    architectures (or a callable of the round's query document returning them) that join each
+    round's neighbourhood candidates, origin ``"proposal"`` (see the module doc).
     ``refine``: channel-exchange steps after the rounds (needs ``measure_cheap``; each measures one
     architecture in full, not counted in ``budget``), each reported to ``on_exchange``.
     """

@@ -31,9 +31,8 @@ from .campaign import Campaign, CampaignError, CampaignReport, EvalSettings
 OnResult = Callable[[int, int, Any], Any]
 PROPOSALS = 24   # the profile's next-best integer-program solutions offered to each round
 
-__all__ = ["CampaignCache", "VerifyError", "Verifier", "budget_tokens", "measure_profile", "measurement_settings", "metric_protocols",
-           "origin_of",
-           "reachable", "shortfall", "standing"]
+__all__ = ["CampaignCache", "VerifyError", "Verifier", "budget_tokens", "measure_profile", "measurement_settings",
+           "metric_protocols", "origin_of", "reachable", "shortfall", "standing"]
 
 
 class VerifyError(ArchoptError, RuntimeError):
