@@ -255,7 +255,6 @@ class Verifier:
             raise VerifyError(f"cannot verify: the weights of {self.model} are not reachable "
                               f"({self.location or 'no location recorded'}); pass --weights PATH")
         self.screen_tokens: int | None = None
-        self.with_profile = True                      # strong_starts measures and solves the profile
         self.profile_budget: float | None = None      # full evaluations' worth a new profile may cost (None: an eighth)
         self.profile_start_count = 2                  # the profile's least-damage architectures among the starts
         self.proposal_count = PROPOSALS               # the profile's next-best solutions offered per round
@@ -318,7 +317,7 @@ class Verifier:
         from .starts import strong_starts
         importance = self.campaigns(doc)[0].importance
         found = strong_starts(self.spec, doc["target_params"], importance.kv_group, importance.channel)
-        profile = self.profile(doc) if self.with_profile else None
+        profile = self.profile(doc)
         if profile is not None:
             found += profile_starts(profile, *doc["window"], n=self.profile_start_count, allow_drop=self.allow_drop)
         return found
@@ -330,7 +329,7 @@ class Verifier:
         lo, hi = (int(x) for x in doc["window"])
         if (lo, hi) not in self._solutions:
             from .profile import profile_solutions
-            profile = self.profile(doc) if self.with_profile and self.proposal_count else None
+            profile = self.profile(doc) if self.proposal_count else None
             self._solutions[(lo, hi)] = (profile_solutions(profile, lo, hi, self.proposal_count, self.allow_drop)
                                          if profile is not None else [])
         return self._solutions[(lo, hi)]
