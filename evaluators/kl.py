@@ -24,8 +24,10 @@ Windows may be chosen per call (``windows=``: indices into the prepared ones), s
 score candidates on a few windows and the survivors on more, all against one reference.
 
 ``KLBaseTask`` is ``kl_base`` as a metric of ``archopt evaluate`` (an ``Evaluator`` task): a
-calibration text of ``KL_TEXTS`` (PTB train by default, never a split perplexities are reported
-on), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
+calibration text of ``KL_TEXTS`` (PTB train by default: a calibration text is never a split
+perplexities are reported on; the texts perplexities read are there too, for the one-round
+sensitivity profile of ``optimizer.verify``, whose damages are KL on the first window of the very
+text the perplexity is reported on), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
 tokens per position; its protocol records all of them and the precision of the run.
 """
 
@@ -57,14 +59,26 @@ from .tokenization import encode_text, text_sha256, tokenizer_hash, tokenizer_na
 
 METRIC = "kl_base"
 KEY_VERSION = 1
-# ``--kl-text`` name -> (dataset, split): calibration texts, never a split perplexities are reported on
-KL_TEXTS = {"ptb-train": (data.PTB, "train"), "wikitext2-validation": (data.WIKITEXT2, "validation")}
+# text name -> (dataset, split): ``--kl-text``'s calibration texts, never a split perplexities are
+# reported on, then those splits (the one-round profile's; ``--kl-text`` does not offer them)
+KL_TEXTS = {"ptb-train": (data.PTB, "train"), "wikitext2-validation": (data.WIKITEXT2, "validation"),
+            "wikitext2-test": (data.WIKITEXT2, "test"), "ptb-validation": (data.PTB, "validation"),
+            "ptb-test": (data.PTB, "test")}
 DEFAULT_TEXT = "ptb-train"       # in ../shared/data and on the hub (WikiText-2 raw validation: hub only)
 DEFAULT_TOKENS = 32768           # kl_base's tokens when ``max_tokens`` is not given
 DEFAULT_TOP_K = 256              # 32,768 tokens x 256: 64 MiB of reference, whatever the vocabulary
 
 __all__ = ["DEFAULT_TEXT", "DEFAULT_TOKENS", "DEFAULT_TOP_K", "KL_TEXTS", "METRIC", "KLBaseTask", "KLTask",
-           "kl_from_logits"]
+           "kl_from_logits", "kl_text_of"]
+
+
+def kl_text_of(dataset: str, split: str) -> str | None:
+    """The name in ``KL_TEXTS`` of a dataset's split (``valid`` and ``validation`` alike), or None."""
+    try:
+        split = data.canonical_split(split)
+    except ValueError:
+        return None
+    return next((name for name, (d, s) in KL_TEXTS.items() if d == dataset and s == split), None)
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None) -> torch.Tensor:

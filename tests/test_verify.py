@@ -140,28 +140,30 @@ def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url,
     assert origins[first["starts"][0]] == "search"   # the profile's integer-program solution leads
     assert origins[first["starts"][1]] in {"rule", "uniform"}
 
-    def profile_tokens() -> list[tuple[int, int]]:
+    def profile_tokens() -> list[tuple[str, str, str, int, int]]:
         archive = Archive(sqlite_url)
         try:
             with archive.read() as session:
-                return session.execute(
-                    select(m.Protocol.tokens, func.count())
+                return [tuple(row) for row in session.execute(
+                    select(m.Evaluation.metric, m.Protocol.dataset, m.Protocol.split, m.Protocol.tokens, func.count())
                     .join(m.Evaluation, m.Evaluation.protocol_id == m.Protocol.id)
                     .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
-                    .where(m.Architecture.origin == "profile").group_by(m.Protocol.tokens)).all()
+                    .where(m.Architecture.origin == "profile")
+                    .group_by(m.Evaluation.metric, m.Protocol.dataset, m.Protocol.split, m.Protocol.tokens)).all()]
         finally:
             archive.close()
 
-    # 3/2 evaluations' worth of 160 tokens is under a window per variant: one window (16 tokens) each
-    # (the base, measured on it too, keeps its origin)
-    assert profile_tokens() == [(16, len(profile_variants(spec_of_dir(model_dir))))]
+    # 3/2 evaluations' worth of 160 tokens is under a window per variant: one window (16 tokens) each,
+    # KL to the base on the perplexity's own text (the base, measured on it too, keeps its origin)
+    profiled = [("kl_base", "wikitext-2-raw-v1", "test", 16, len(profile_variants(spec_of_dir(model_dir))))]
+    assert profile_tokens() == profiled
     assert doc["verification"]["standing"]["best_rule"]["origin"] in ("uniform", "rule")
     spent = doc["verification"]["forwarded_tokens"]
     assert spent >= 3 * 160 + 16 * len(profile_variants(spec_of_dir(model_dir)))
     # another size, a larger K (5 evaluations' worth: 32 tokens a variant if new): the stored profile serves
     r = run_cli(*args[:6], "88%", *args[7:], "--verify", "10")
     assert r.code == 0, r.err
-    assert profile_tokens() == [(16, len(profile_variants(spec_of_dir(model_dir))))]
+    assert profile_tokens() == profiled
     for extra in (("--verify", "1"), ("--verify", "2", "--no-starts")):
         r = run_cli(*args, *extra, "--seed", "3")
         assert r.code == 0, r.err
