@@ -1,7 +1,7 @@
 """The issue-19 table's first-row flow, as a user runs it, against the rules of thumb at the size.
 
     python benchmarks/first_row_flow.py [--runs ptb-llama-24l:60%,50%,40% ptb-llama-8l:80%,70%]
-        [--src DIR] [--tag NAME]
+        [--src DIR] [--tag NAME] [--heldout-tokens 16384]
 
 For each base model and size, in a fresh SQLite archive under ``--work``:
 
@@ -9,7 +9,9 @@ For each base model and size, in a fresh SQLite archive under ``--work``:
    every size, the uniform ladder and the base: 31 evaluations);
 2. ``archopt query --params SIZE --verify 8`` (one round: the product's strong starts and picks);
 3. off the flow's books: the four rules of thumb at the size (``optimizer.starts.rules_of_thumb``),
-   measured by the same engine and protocol.
+   measured by the same engine and protocol; then the flow's best and the rules on held-out text
+   (``--heldout-tokens`` of WikiText-2 test after the reported tokens and of WikiText-2
+   validation, as ``benchmarks/profile_metric.py``).
 
 WikiText-2 test, the first ``--max-tokens`` (4,096) tokens, seq 128, Taylor importance, on the CPU.
 Prints, per run, the flow's forwarded tokens, its best PPL in the window and the best rule's, and
@@ -47,11 +49,21 @@ def archopt(src: Path | None, db: str, *args: str) -> subprocess.CompletedProces
     return proc
 
 
-def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, max_tokens: int) -> dict[str, float]:
-    """PPL of each rule of thumb at ``share`` of the base, measured into ``db`` (this checkout's engine)."""
-    from archopt.archdb import Archive
+def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, max_tokens: int,
+             heldout_tokens: int = 0, best_id: str | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """PPL of each rule of thumb at ``share`` of the base, measured into ``db`` (this checkout's
+    engine), and, with ``heldout_tokens``, the held-out d (``profile_metric.heldout_tasks``: the
+    WikiText-2 test tokens after the reported ones, WikiText-2 validation) of each rule and of the
+    architecture ``best_id`` (the flow's best)."""
+    import math
+    from sqlalchemy import select
+    from archopt.archdb import Archive, models as m
+    from archopt.archdb.arch import full, parse_architecture
     from archopt.optimizer.campaign import Campaign, EvalSettings
     from archopt.optimizer.starts import rules_of_thumb
+    sys.path.insert(0, str(ROOT))
+    from profile_metric import heldout_tasks
+    from search_measure import pruned
     archive = Archive(db)
     try:
         settings = EvalSettings(metrics=("ppl_wikitext2",), data_dir=data_dir, max_tokens=max_tokens, device="cpu")
@@ -60,7 +72,23 @@ def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, ma
         rules = {k: a for k, a in rules_of_thumb(spec, int(share * spec.total_params)).items() if a is not None}
         campaign.run([(a, "rule") for a in rules.values()])
         values = campaign.cheap_values(list(rules.values()), "ppl_wikitext2", campaign.evaluator, "rule")
-        return {k: round(v, 3) for k, v in zip(rules, values) if v is not None}
+        found = {k: round(v, 3) for k, v in zip(rules, values) if v is not None}
+        if not heldout_tokens:
+            return found, {}
+        tasks = heldout_tasks(campaign.base.tokenizer, data_dir, max_tokens, heldout_tokens)
+
+        def heldout(arch) -> dict[str, float]:
+            with pruned(campaign.base, arch, campaign.importance) as model:
+                return {n: math.exp(nll / count) for n, t in tasks.items() for nll, count in [t.total_nll(model)]}
+
+        base = heldout(full(spec))
+        archs = dict(rules)
+        if best_id:
+            with archive.read() as session:
+                row = session.scalar(select(m.Architecture).where(m.Architecture.arch_hash == best_id))
+                archs["flow_best"] = parse_architecture(spec, json.loads(row.encoding))
+        held = {k: {n: round(v / base[n] - 1, 5) for n, v in heldout(a).items()} for k, a in archs.items()}
+        return found, held
     finally:
         archive.close()
 
@@ -85,17 +113,23 @@ def run_one(args: argparse.Namespace, model: str, target: str) -> dict:
     tokens = evaluated * args.max_tokens + int(doc["verification"]["forwarded_tokens"])
     standing = doc["verification"]["standing"] or {}
     best = (standing.get("best") or {}).get("value")
-    rules = rules_at(db, model_dir, model, float(target.rstrip("%")) / 100, args.data_dir, args.max_tokens)
+    rules, held = rules_at(db, model_dir, model, float(target.rstrip("%")) / 100, args.data_dir, args.max_tokens,
+                           args.heldout_tokens, (standing.get("best") or {}).get("arch_id"))
     best_rule = min(rules.values()) if rules else None
     row = {"model": model, "target": target, "forwarded_tokens": tokens,
            "tokens_without_verification": evaluated * args.max_tokens,
            "best_ppl": best, "best_origin": (standing.get("best") or {}).get("origin"),
-           "rules": rules, "best_rule_ppl": best_rule,
+           "rules": rules, "best_rule_ppl": best_rule, "heldout_d": held,
            "ratio_to_best_rule": round(best / best_rule, 4) if best and best_rule else None,
            "starts": doc["rounds"]["rounds"][0]["starts"] if doc.get("rounds") else [],
            "seconds_evaluate": round(t_eval, 1), "seconds_query": round(t_query, 1)}
     print(f"{model} {target}: {tokens:,} forwarded tokens, best PPL {best} ({row['best_origin']}), "
           f"best rule {best_rule} -> {row['ratio_to_best_rule']}x", flush=True)
+    if held:
+        best_rule_name = min(rules, key=rules.get)
+        print("  held-out d (WikiText-2 test after the reported tokens / validation): flow's best "
+              + " / ".join(f"{100 * v:+.2f}%" for v in held["flow_best"].values()) + f"; best rule ({best_rule_name}) "
+              + " / ".join(f"{100 * v:+.2f}%" for v in held[best_rule_name].values()), flush=True)
     return row
 
 
@@ -112,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--src", type=Path, default=None, help="an archopt checkout whose CLI runs the flow")
     ap.add_argument("--work", default=str(ROOT / "results" / "work-first-row"))
     ap.add_argument("--tag", default="current")
+    ap.add_argument("--heldout-tokens", type=int, default=16384,
+                    help="held-out tokens of each text the flow's best and the rules are measured on (0: none)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
