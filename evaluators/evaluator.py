@@ -69,6 +69,7 @@ class Evaluator:
             raise ValueError("no metric to evaluate")
         self.metrics = list(dict.fromkeys(metrics))
         self.max_memory = max_memory
+        self.reference_tokens = 0   # tokens the base model forwarded for the references this evaluator computed
         self.tasks: dict[str, Task] = {}
         for metric in self.metrics:
             if metric == "mmlu":
@@ -93,8 +94,11 @@ class Evaluator:
 
     def prepare(self, base: BaseModel) -> int:
         """Make the tasks that compare with the base model (``kl_base``) ready for ``base``: its
-        reference, from the cache or computed from the unpruned base. Returns how many were computed."""
-        return sum(task.prepare_reference(base) for task in self.tasks.values() if isinstance(task, KLBaseTask))
+        reference, from the cache or computed from the unpruned base (its tokens added to
+        ``reference_tokens``). Returns how many were computed."""
+        computed = [task for task in self.tasks.values() if isinstance(task, KLBaseTask) and task.prepare_reference(base)]
+        self.reference_tokens += sum(task.forwarded_tokens for task in computed)
+        return len(computed)
 
     def evaluate(self, model: torch.nn.Module, budget: int | None = None) -> list[Measurement]:
         """Every metric on ``model``; MMLU adds one ``mmlu:<subject>`` measurement per subject.

@@ -63,7 +63,8 @@ class ArchResult:
     skipped: bool
     seconds: float
     failed: dict[str, str] = field(default_factory=dict)
-    tokens: int = 0          # tokens put through the pruned model to measure it (0 when skipped)
+    tokens: int = 0          # tokens put through the pruned model to measure it (0 when skipped), and through
+    #                          the base for a kl_base reference computed on the way (once per text)
 
 
 @dataclass
@@ -299,6 +300,7 @@ class Campaign:
             else:
                 self._check_pruning(arch_id, pruning.get(arch_id))
                 start = time.perf_counter()
+                references = evaluator.reference_tokens
                 measurements = evaluator.evaluate_architecture(self.base, arch, self.importance)
                 seconds = time.perf_counter() - start
                 with self.archive.write() as session:
@@ -314,7 +316,8 @@ class Campaign:
                         failed[(arch_id, metric, key)] = bad[metric]
                     else:
                         done.add((arch_id, metric, key))
-                result = ArchResult(arch_id, arch, good, False, seconds, bad, evaluator.forwarded_tokens)
+                result = ArchResult(arch_id, arch, good, False, seconds, bad,
+                                    evaluator.forwarded_tokens + evaluator.reference_tokens - references)
                 self.forwarded_tokens += result.tokens
             report.results.append(result)
             if on_result is not None:

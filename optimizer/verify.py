@@ -366,12 +366,14 @@ class Verifier:
         ``metric``'s protocol in ``campaign`` (None when ``kl.KL_TEXTS`` has no such text).
 
         KL to the base on the same tokens sums the damage over the base's whole next-token
-        distribution where the perplexity reads the one realised token: for the small damage of
-        pruning one layer, the perplexity's difference on a 128-token window is mostly noise that
-        the integer program then exploits. One window a variant, the four rules of thumb and global
-        allocations as yardsticks, measured on 4,096 held-out tokens (the first-row flow's
-        ``benchmarks/first_row_flow.py``): the least-damage architecture of the KL profile against
-        the perplexity profile's, ptb-llama-8l at 80%: +3.1% against +5.0% (rules: +3.1% at best)."""
+        distribution where the perplexity reads the one realised token, so the small damage of
+        pruning one layer is measured with less noise for the integer program to exploit; it is
+        what Puzzle and EvoPress score with. One 128-token window a variant, the least-damage
+        architecture measured on 4,096 tokens (``benchmarks/profile_metric.py``): ptb-llama-8l at
+        80% +3.1% from KL against +5.0% from the perplexity (the best rule of thumb +3.1%), at 70%
+        +5.9% against +8.0%; ptb-llama-24l at 60% +2.0% against +1.9%, but at 50% +4.8% against
+        +4.1% and at 40% +11.7% against +10.3%.
+        """
         from archopt.evaluators.kl import kl_text_of
         protocol = campaign.evaluator.tasks[metric].protocol
         text = kl_text_of(protocol.dataset, protocol.split or "")

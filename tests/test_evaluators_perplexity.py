@@ -113,3 +113,15 @@ def test_evaluator_runs_every_metric_on_pruned_models(base, data_dir):
     assert [m.value for m in direct] == pytest.approx([m.value for m in pruned], rel=1e-6)
     with pytest.raises(ValueError, match="metric"):
         Evaluator(base.tokenizer, ["bleu"], data_dir=data_dir)
+
+
+def test_evaluator_counts_a_computed_kl_reference_once(base, data_dir, tmp_path):
+    """The base's forward pass for a ``kl_base`` reference counts in ``reference_tokens`` when it is
+    computed, not when it is read back (kept, or from the cache directory)."""
+    ev = Evaluator(base.tokenizer, ["kl_base", "ppl_wikitext2"], data_dir=data_dir, seq_len=16, max_tokens=64,
+                   kl_text="wikitext2-test", reference_dir=tmp_path)
+    assert ev.prepare(base) == 1 and ev.reference_tokens == ev.tasks["kl_base"].forwarded_tokens == 64
+    assert ev.prepare(base) == 0 and ev.reference_tokens == 64
+    again = Evaluator(base.tokenizer, ["kl_base"], data_dir=data_dir, seq_len=16, max_tokens=64,
+                      kl_text="wikitext2-test", reference_dir=tmp_path)
+    assert again.prepare(base) == 0 and again.reference_tokens == 0
