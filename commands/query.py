@@ -244,9 +244,8 @@ def one_round_starts(v: VerifyOptions) -> int:
 def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: EvalOptions, as_json: bool) -> None:
     """``query --verify K --rounds R [--screen N]``: ``optimizer.loop.verify_loop`` measuring through
     one ``Verifier`` (one loaded model). A one-round ``--verify K`` (K >= 2) comes here too: the
-    least-damage architecture of the sensitivity profile (for a perplexity: KL to the base on the
-    first windows of its text, measured, when the archive has none, on a fidelity that costs about
-    K/2 full evaluations), the rules of thumb and global allocations
+    least-damage architecture of the sensitivity profile (measured, when the archive has none, on
+    a fidelity that costs about K/2 full evaluations), the rules of thumb and global allocations
     the predictors rank best, then the search's picks, K in all."""
     from archopt.optimizer.loop import verify_loop
     from archopt.optimizer.query import run_query
@@ -268,7 +267,6 @@ def _query_rounds(state: State, request: Any, v: VerifyOptions, evaluation: Eval
     if one_round:   # a profile measured now costs at most about K/2 full evaluations' worth
         verifier.profile_budget = v.verify / 2
         verifier.profile_start_count = 1        # its next-best solutions differ little: rules take the other slots
-        verifier.profile_on_kl = True           # one window a variant: KL, not the perplexity's noisy difference
 
     def measure(archs: list[Any], picks: list[dict[str, Any]], doc: dict[str, Any]) -> None:
         if not as_json:

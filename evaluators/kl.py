@@ -25,9 +25,8 @@ score candidates on a few windows and the survivors on more, all against one ref
 
 ``KLBaseTask`` is ``kl_base`` as a metric of ``archopt evaluate`` (an ``Evaluator`` task): a
 calibration text of ``KL_TEXTS`` (PTB train by default: a calibration text is never a split
-perplexities are reported on; the texts perplexities read are there too, for the one-round
-sensitivity profile of ``optimizer.verify``, whose damages are KL on the first window of the very
-text the perplexity is reported on), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
+perplexities are reported on; those splits are there too, for comparisons such as
+``benchmarks/profile_metric.py``'s, of KL and perplexity on the very same tokens), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
 tokens per position; its protocol records all of them and the precision of the run.
 """
 
@@ -60,7 +59,7 @@ from .tokenization import encode_text, text_sha256, tokenizer_hash, tokenizer_na
 METRIC = "kl_base"
 KEY_VERSION = 1
 # text name -> (dataset, split): ``--kl-text``'s calibration texts, never a split perplexities are
-# reported on, then those splits (the one-round profile's; ``--kl-text`` does not offer them)
+# reported on, then those splits (for comparisons on the same tokens; ``--kl-text`` does not offer them)
 KL_TEXTS = {"ptb-train": (data.PTB, "train"), "wikitext2-validation": (data.WIKITEXT2, "validation"),
             "wikitext2-test": (data.WIKITEXT2, "test"), "ptb-validation": (data.PTB, "validation"),
             "ptb-test": (data.PTB, "test")}
@@ -69,16 +68,7 @@ DEFAULT_TOKENS = 32768           # kl_base's tokens when ``max_tokens`` is not g
 DEFAULT_TOP_K = 256              # 32,768 tokens x 256: 64 MiB of reference, whatever the vocabulary
 
 __all__ = ["DEFAULT_TEXT", "DEFAULT_TOKENS", "DEFAULT_TOP_K", "KL_TEXTS", "METRIC", "KLBaseTask", "KLTask",
-           "kl_from_logits", "kl_text_of"]
-
-
-def kl_text_of(dataset: str, split: str) -> str | None:
-    """The name in ``KL_TEXTS`` of a dataset's split (``valid`` and ``validation`` alike), or None."""
-    try:
-        split = data.canonical_split(split)
-    except ValueError:
-        return None
-    return next((name for name, (d, s) in KL_TEXTS.items() if d == dataset and s == split), None)
+           "kl_from_logits"]
 
 
 def kl_from_logits(logits: torch.Tensor, ref_logp: torch.Tensor, ref_idx: torch.Tensor | None = None) -> torch.Tensor:

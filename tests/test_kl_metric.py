@@ -254,12 +254,3 @@ def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli
             assert profile.attn[(v.layer, v.level)] == pytest.approx(values[arch_id] - values[ids[0]])
     assert all("ppl_wikitext2" in metrics[row_id] for row_id in row_ids)
 
-
-def test_kl_text_of_names_the_reported_splits_too():
-    """The one-round profile's KL reads a perplexity's own text: every split a perplexity is
-    reported on has a name (``valid`` and ``validation`` alike); unknown ones have none."""
-    from archopt.evaluators import data
-    assert kl_module.kl_text_of(data.WIKITEXT2, "test") == "wikitext2-test"
-    assert kl_module.kl_text_of(data.PTB, "valid") == kl_module.kl_text_of(data.PTB, "validation") == "ptb-validation"
-    assert kl_module.kl_text_of(data.PTB, "train") == "ptb-train"
-    assert kl_module.kl_text_of(data.PTB, "dev") is None and kl_module.kl_text_of("c4", "test") is None

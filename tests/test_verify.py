@@ -154,8 +154,8 @@ def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url,
             archive.close()
 
     # 3/2 evaluations' worth of 160 tokens is under a window per variant: one window (16 tokens) each,
-    # KL to the base on the perplexity's own text (the base, measured on it too, keeps its origin)
-    profiled = [("kl_base", "wikitext-2-raw-v1", "test", 16, len(profile_variants(spec_of_dir(model_dir))))]
+    # of the objective's own text (the base, measured on it too, keeps its origin)
+    profiled = [("ppl_wikitext2", "wikitext-2-raw-v1", "test", 16, len(profile_variants(spec_of_dir(model_dir))))]
     assert profile_tokens() == profiled
     assert doc["verification"]["standing"]["best_rule"]["origin"] in ("uniform", "rule")
     spent = doc["verification"]["forwarded_tokens"]
