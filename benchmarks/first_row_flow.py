@@ -134,20 +134,16 @@ def run_one(args: argparse.Namespace, model: str, target: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from profile_metric import add_run_options
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=["ptb-llama-24l:60%,50%,40%", "ptb-llama-8l:80%,70%"],
-                    help="MODEL:SIZE,SIZE... (models under --models-dir)")
-    ap.add_argument("--models-dir", default=str(SHARED / "models"))
-    ap.add_argument("--data-dir", default=str(SHARED / "data"))
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    add_run_options(ap)
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--uniform", default="0.1,0.15,0.2,0.25,0.3,0.35")
     ap.add_argument("--verify", type=int, default=8)
     ap.add_argument("--src", type=Path, default=None, help="an archopt checkout whose CLI runs the flow")
     ap.add_argument("--work", default=str(ROOT / "results" / "work-first-row"))
     ap.add_argument("--tag", default="current")
-    ap.add_argument("--heldout-tokens", type=int, default=16384,
-                    help="held-out tokens of each text the flow's best and the rules are measured on (0: none)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

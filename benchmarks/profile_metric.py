@@ -124,15 +124,21 @@ def run_model(args: argparse.Namespace, model: str, sizes: list[str]) -> list[di
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options this benchmark shares with ``first_row_flow.py``: runs, models, data, tokens."""
     ap.add_argument("--runs", nargs="+", default=["ptb-llama-24l:60%,50%,40%", "ptb-llama-8l:80%,70%"],
                     help="MODEL:SIZE,SIZE... (models under --models-dir)")
     ap.add_argument("--models-dir", default=str(SHARED / "models"))
     ap.add_argument("--data-dir", default=str(SHARED / "data"))
+    ap.add_argument("--max-tokens", type=int, default=4096, help="the reported text's tokens")
+    ap.add_argument("--heldout-tokens", type=int, default=16384,
+                    help="held-out tokens of each text (heldout_tasks; first_row_flow.py: 0 skips them)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_options(ap)
     ap.add_argument("--cheap-tokens", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--heldout-tokens", type=int, default=16384)
     ap.add_argument("--solutions", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "results" / "work-profile-metric"))
     ap.add_argument("--tag", default="current")
