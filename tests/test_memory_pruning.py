@@ -143,6 +143,7 @@ def test_measuring_several_architectures_keeps_no_copy(bases, monkeypatch):
             monkeypatch.setattr(loading_mod, "MIN_ACTIVATION_BUDGET", least)
         ev = Evaluator.__new__(Evaluator)
         ev.metrics, ev.max_memory, ev.tasks = ["ppl_wikitext2"], max_memory, {"ppl_wikitext2": task}
+        ev.reference_tokens = 0
         values = []
         for arch in (full(base.spec), uniform(base.spec, 0.3), mixed_arch(base.spec)):
             before = len(alive)
