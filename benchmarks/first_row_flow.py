@@ -125,7 +125,7 @@ def run_one(args: argparse.Namespace, model: str, target: str) -> dict:
            "seconds_evaluate": round(t_eval, 1), "seconds_query": round(t_query, 1)}
     print(f"{model} {target}: {tokens:,} forwarded tokens, best PPL {best} ({row['best_origin']}), "
           f"best rule {best_rule} -> {row['ratio_to_best_rule']}x", flush=True)
-    if held:
+    if held.get("flow_best"):
         best_rule_name = min(rules, key=rules.get)
         print("  held-out d (WikiText-2 test after the reported tokens / validation): flow's best "
               + " / ".join(f"{100 * v:+.2f}%" for v in held["flow_best"].values()) + f"; best rule ({best_rule_name}) "

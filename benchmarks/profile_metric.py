@@ -9,8 +9,8 @@ For each base model, in a fresh SQLite archive under ``--work``, through the pro
 
 1. three profiles of the single-layer variants without dropped layers (``profile_variants``), each
    variant measured on ``--cheap-tokens`` tokens: ``ppl`` (the log-perplexity rise on WikiText-2
-   test's first tokens: what the one-round ``query --verify K`` recorded before), ``kl-same-text``
-   (``kl_base`` on those very tokens: what it records now) and ``kl-ptb-train`` (``kl_base`` on
+   test's first tokens: what the one-round ``query --verify K`` records), ``kl-same-text``
+   (``kl_base`` on those very tokens: tried in the product at 3eb9a0a, reverted) and ``kl-ptb-train`` (``kl_base`` on
    PTB train's first tokens, ``--kl-text``'s default calibration text); and, measuring nothing
    more, the mean of the first two's damages (both are nats per token);
 2. at each size, each profile's ``--solutions`` least-damage architectures in ``[0.98, 1] x size``

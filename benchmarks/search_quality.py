@@ -163,6 +163,7 @@ class KLEvaluator:
         self.tasks = {"kl_base": SimpleNamespace(protocol=bench.kl_task.protocol(windows))}
         self.metrics = ("kl_base",)
         self.forwarded_tokens = 0
+        self.reference_tokens = 0   # the bench charges the base's reference itself (Bench.use_reference)
         self.values: dict[str, tuple[Any, float]] = {}
 
     def evaluate_architecture(self, base: Any, arch: Any, importance: Any) -> list[Any]:

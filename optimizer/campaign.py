@@ -87,7 +87,8 @@ class CampaignReport:
 
     @property
     def tokens(self) -> int:
-        """Tokens forwarded through pruned models by this run."""
+        """Tokens forwarded through pruned models by this run (and through the base for a ``kl_base``
+        reference it computed)."""
         return sum(r.tokens for r in self.results)
 
 
@@ -149,7 +150,8 @@ class Campaign:
             data_dir=settings.data_dir, memory_budget=self._activation_budget())
         self.evaluator = make_evaluator(self.base.tokenizer, settings)
         self.screener: Any = None
-        self.forwarded_tokens = 0   # tokens this campaign put through pruned models (screening included)
+        self.forwarded_tokens = 0   # tokens this campaign put through pruned models (screening and
+        #                             kl_base references computed on the way included)
 
     def _activation_budget(self) -> int:
         """Bytes of activations a pass may hold (``evaluators.loading.activation_budget``)."""

@@ -224,7 +224,8 @@ class CampaignCache:
         return campaign
 
     def forwarded_tokens(self) -> int:
-        """Tokens every campaign of this cache has put through pruned models."""
+        """Tokens every campaign of this cache has put through pruned models (and through the base
+        for the ``kl_base`` references it computed)."""
         return sum(c.forwarded_tokens for c in self._campaigns.values())
 
 
@@ -364,10 +365,14 @@ class Verifier:
         """The archive's profile of ``metric`` under a cheap fidelity of ``campaign``'s protocol
         (``training.stored_profile``: the most tokens first; the protocol itself need not be in the
         archive), or None."""
+        from archopt.archdb import models as m
+        from sqlalchemy import select
         from .training import stored_profile
+        protocol = campaign.evaluator.tasks[metric].protocol
         with self.archive.read() as session:
+            pid = session.scalar(select(m.Protocol.id).where(m.Protocol.key == protocol.key()))
             found = stored_profile(session, reads.get_base_model(session, self.model), metric,
-                                   campaign.evaluator.tasks[metric].protocol)
+                                   protocol if pid is None else pid)
         return None if found is None else found[0]
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],

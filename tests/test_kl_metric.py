@@ -253,4 +253,3 @@ def test_rounds_search_on_kl_base_with_its_profile_and_report_perplexity(run_cli
         if v.kind == "attn" and arch_id in values:   # the damage is the KL itself, not its log
             assert profile.attn[(v.layer, v.level)] == pytest.approx(values[arch_id] - values[ids[0]])
     assert all("ppl_wikitext2" in metrics[row_id] for row_id in row_ids)
-
