@@ -26,8 +26,9 @@ score candidates on a few windows and the survivors on more, all against one ref
 ``KLBaseTask`` is ``kl_base`` as a metric of ``archopt evaluate`` (an ``Evaluator`` task): a
 calibration text of ``KL_TEXTS`` (PTB train by default: a calibration text is never a split
 perplexities are reported on; those splits are there too, for comparisons such as
-``benchmarks/profile_metric.py``'s, of KL and perplexity on the very same tokens), the first ``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K``
-tokens per position; its protocol records all of them and the precision of the run.
+``benchmarks/profile_metric.py``'s, of KL and perplexity on the very same tokens), the first
+``max_tokens`` tokens (default ``DEFAULT_TOKENS``), the base's top ``DEFAULT_TOP_K`` tokens per
+position; its protocol records all of them and the precision of the run.
 """
 
 from __future__ import annotations
