@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from .errors import ArchoptError
 from . import models as m
 from .arch import Architecture, from_layer_dicts
-from .protocol import Protocol, lower_is_better
+from .protocol import lower_is_better
 from .store import info_of, protocol_of, spec_of
 
 
@@ -82,17 +82,14 @@ def default_protocol(session: Session, base: m.BaseModel, metric: str) -> int | 
     return rows[0][0]
 
 
-def cheaper_fidelities(session: Session, base: m.BaseModel, metric: str, protocol: int | Protocol) -> list[int]:
+def cheaper_fidelities(session: Session, base: m.BaseModel, metric: str, protocol_id: int) -> list[int]:
     """Protocols holding live values of ``metric`` on ``base`` that are cheap fidelities of
-    ``protocol`` (a stored protocol's id, or a protocol the archive may not hold: same text and
-    window, fewer tokens), most tokens first."""
+    ``protocol_id`` (same text and window, fewer tokens), most tokens first."""
     q = (select(m.Evaluation.protocol_id).distinct()
          .join(m.Architecture, m.Architecture.id == m.Evaluation.architecture_id)
          .where(m.Architecture.base_model_id == base.id, m.Evaluation.metric == metric,
-                m.Evaluation.retracted_at.is_(None)))
-    if isinstance(protocol, int):
-        q = q.where(m.Evaluation.protocol_id != protocol)
-    full = protocol_of(session.get(m.Protocol, protocol)) if isinstance(protocol, int) else protocol
+                m.Evaluation.retracted_at.is_(None), m.Evaluation.protocol_id != protocol_id))
+    full = protocol_of(session.get(m.Protocol, protocol_id))
     found = [(protocol_of(session.get(m.Protocol, int(pid))), int(pid)) for pid in session.scalars(q)]
     return [pid for p, pid in sorted(found, key=lambda t: -(t[0].tokens or 0)) if p.is_cheaper_fidelity_of(full)]
 

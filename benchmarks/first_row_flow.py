@@ -52,7 +52,7 @@ def archopt(src: Path | None, db: str, *args: str) -> subprocess.CompletedProces
 def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, max_tokens: int,
              heldout_tokens: int = 0, best_id: str | None = None) -> tuple[dict[str, float], dict[str, dict]]:
     """PPL of each rule of thumb at ``share`` of the base, measured into ``db`` (this checkout's
-    engine), and, with ``heldout_tokens``, the held-out d (``profile_metric.heldout_tasks``: the
+    engine), and, with ``heldout_tokens``, the held-out d (``search_measure.heldout_tasks``: the
     WikiText-2 test tokens after the reported ones, WikiText-2 validation) of each rule and of the
     architecture ``best_id`` (the flow's best)."""
     import math
@@ -62,8 +62,7 @@ def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, ma
     from archopt.optimizer.campaign import Campaign, EvalSettings
     from archopt.optimizer.starts import rules_of_thumb
     sys.path.insert(0, str(ROOT))
-    from profile_metric import heldout_tasks
-    from search_measure import pruned
+    from search_measure import heldout_tasks, pruned
     archive = Archive(db)
     try:
         settings = EvalSettings(metrics=("ppl_wikitext2",), data_dir=data_dir, max_tokens=max_tokens, device="cpu")
@@ -75,7 +74,7 @@ def rules_at(db: str, model_dir: str, name: str, share: float, data_dir: str, ma
         found = {k: round(v, 3) for k, v in zip(rules, values) if v is not None}
         if not heldout_tokens:
             return found, {}
-        tasks = heldout_tasks(campaign.base.tokenizer, data_dir, max_tokens, heldout_tokens)
+        tasks = heldout_tasks(campaign.base.tokenizer, data_dir, heldout_tokens, test_skip=max_tokens)
 
         def heldout(arch) -> dict[str, float]:
             with pruned(campaign.base, arch, campaign.importance) as model:

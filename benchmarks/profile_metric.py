@@ -40,21 +40,6 @@ PROFILES = {"ppl": ("ppl_wikitext2", "wikitext2-test"), "kl-same-text": ("kl_bas
             "kl-ptb-train": ("kl_base", "ptb-train")}
 
 
-def heldout_tasks(tokenizer, data_dir: str, skip: int, n: int) -> dict:
-    """WikiText-2 test after the first ``skip`` tokens and WikiText-2 validation, ``n`` tokens each."""
-    import torch
-    from archopt.evaluators import data
-    from archopt.evaluators.perplexity import PerplexityTask
-    test = data.dataset_text(data.WIKITEXT2, "test", data_dir)
-    valid = data.JOINING.join(data.read_wikitext_rows(Path(data_dir) / "wikitext-2" / "wiki.valid.tokens"))
-    out = {}
-    for name, text, start in (("test_heldout", test, skip), ("valid_heldout", valid, 0)):
-        ids = torch.tensor(tokenizer(text)["input_ids"][start:start + n])
-        out[name] = PerplexityTask(ids, metric="ppl_wikitext2", dataset=data.WIKITEXT2, split=name,
-                                   tokenizer_name="", tokenizer_hash="", seq_len=128, max_tokens=n)
-    return out
-
-
 def run_model(args: argparse.Namespace, model: str, sizes: list[str]) -> list[dict]:
     import dataclasses
     from archopt.archdb import Archive
@@ -63,7 +48,7 @@ def run_model(args: argparse.Namespace, model: str, sizes: list[str]) -> list[di
     from archopt.optimizer.profile import Profile, damage_scale, profile_solutions, profile_variants
     from archopt.optimizer.starts import strong_starts
     sys.path.insert(0, str(ROOT))
-    from search_measure import pruned
+    from search_measure import heldout_tasks, pruned
 
     db_path = Path(args.work) / f"{args.tag}-{model}.sqlite"
     db_path.unlink(missing_ok=True)
@@ -71,7 +56,7 @@ def run_model(args: argparse.Namespace, model: str, sizes: list[str]) -> list[di
     settings = EvalSettings(metrics=("ppl_wikitext2",), data_dir=args.data_dir, max_tokens=args.max_tokens)
     campaign = Campaign(archive, str(Path(args.models_dir) / model), settings, name=model)
     spec, base_arch = campaign.base.spec, full(campaign.base.spec)
-    held = heldout_tasks(campaign.base.tokenizer, args.data_dir, args.max_tokens, args.heldout_tokens)
+    held = heldout_tasks(campaign.base.tokenizer, args.data_dir, args.heldout_tokens, test_skip=args.max_tokens)
     held_cache: dict[str, dict[str, float]] = {}
 
     def heldout(arch) -> dict[str, float]:
@@ -132,7 +117,7 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-dir", default=str(SHARED / "data"))
     ap.add_argument("--max-tokens", type=int, default=4096, help="the reported text's tokens")
     ap.add_argument("--heldout-tokens", type=int, default=16384,
-                    help="held-out tokens of each text (heldout_tasks; first_row_flow.py: 0 skips them)")
+                    help="held-out tokens of each text (search_measure.heldout_tasks; first_row_flow.py: 0 skips them)")
 
 
 def main(argv: list[str] | None = None) -> dict:

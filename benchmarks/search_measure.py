@@ -49,6 +49,26 @@ OBJECTIVE = "ppl_wikitext2"
 _PRUNED = [0]
 
 
+def heldout_tasks(tokenizer: Any, data_dir: str, n: int, *, test_skip: int, valid_skip: int = 0,
+                  prefix: str = "") -> dict[str, Any]:
+    """Held-out texts as the product's ``PerplexityTask``s, ``n`` tokens each: ``<prefix>test_heldout``,
+    WikiText-2 test after its first ``test_skip`` tokens, and ``<prefix>valid_heldout``, WikiText-2
+    validation (``wiki.valid.tokens``, rows joined ``"\\n\\n"``) after its first ``valid_skip``."""
+    import torch
+    from archopt.evaluators import data
+    from archopt.evaluators.perplexity import PerplexityTask
+    test = data.dataset_text(data.WIKITEXT2, "test", data_dir)
+    valid = data.JOINING.join(data.read_wikitext_rows(Path(data_dir) / "wikitext-2" / "wiki.valid.tokens"))
+    out = {}
+    for name, text, split, skip in (("test_heldout", test, "test", test_skip),
+                                    ("valid_heldout", valid, "validation", valid_skip)):
+        ids = torch.tensor(tokenizer(text)["input_ids"][skip:skip + n])
+        out[prefix + name] = PerplexityTask(ids, metric="ppl_wikitext2", dataset=data.WIKITEXT2, split=split,
+                                            tokenizer_name="", tokenizer_hash="", seq_len=128,
+                                            max_tokens=n)   # raises in one line when no window is left
+    return out
+
+
 @contextlib.contextmanager
 def pruned(base: Any, arch: Any, importance: Any) -> Iterator[Any]:
     """The pruned model of ``arch``, released afterwards. Unlike ``Evaluator.evaluate_architecture``
@@ -215,21 +235,9 @@ class Bench:
 
     def _heldout_texts(self) -> dict[str, Any]:
         """The held-out texts (see the module doc) as the product's ``PerplexityTask``s."""
-        import torch
-        from archopt.evaluators import data
-        from archopt.evaluators.perplexity import PerplexityTask
-        tok = self.campaign.base.tokenizer
         n = int(getattr(self.args, "heldout_tokens", 32768))
-        test = data.dataset_text(data.WIKITEXT2, "test", self.args.data_dir)
-        valid = data.JOINING.join(data.read_wikitext_rows(Path(self.args.data_dir) / "wikitext-2" / "wiki.valid.tokens"))
-        out = {}
-        for name, text, split, skip in (("wikitext2_test_heldout", test, "test", self.args.max_tokens),
-                                        ("wikitext2_valid_heldout", valid, "validation", self.args.kl_pool)):
-            ids = torch.tensor(tok(text)["input_ids"][skip:skip + n])
-            out[name] = PerplexityTask(ids, metric="ppl_wikitext2", dataset=data.WIKITEXT2, split=split,
-                                       tokenizer_name="", tokenizer_hash="", seq_len=128,
-                                       max_tokens=n)   # raises in one line when no window is left
-        return out
+        return heldout_tasks(self.campaign.base.tokenizer, self.args.data_dir, n, test_skip=self.args.max_tokens,
+                             valid_skip=self.args.kl_pool, prefix="wikitext2_")
 
     def heldout(self, arch: Any) -> dict[str, float]:
         """Held-out perplexities of ``arch`` (not charged; cached)."""

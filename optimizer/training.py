@@ -35,7 +35,6 @@ from sqlalchemy.orm import Session
 from archopt.archdb import models as m
 from archopt.archdb import reads
 from archopt.archdb.archive import Archive
-from archopt.archdb.protocol import Protocol
 from archopt.archdb.store import spec_of
 
 from .encoding import encode
@@ -160,13 +159,12 @@ def train_version(session: Session, base: m.BaseModel, metric: str, protocol_id:
     return row, predictor
 
 
-def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol: int | Protocol,
+def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol_id: int,
                    min_share: float = 0.9) -> tuple[Any, int, int] | None:
     """``(Profile, protocol id, variants measured)`` of ``base``'s sensitivity profile for a
-    perplexity or ``kl_base`` ``metric``, read from the archive under ``protocol`` (a stored
-    protocol's id) or its cheaper fidelities (most tokens first; of a ``Protocol`` the archive need
-    not hold, only those) (the first with the base and at least ``min_share`` of the variants
-    measured); None when there is none."""
+    perplexity or ``kl_base`` ``metric``, read from the archive under ``protocol_id`` or its cheaper
+    fidelities (most tokens first) (the first with the base and at least ``min_share`` of
+    the variants measured); None when there is none."""
     from archopt.archdb.arch import full
     from .profile import Profile, damage_scale, profile_variants
     scale = damage_scale(metric)
@@ -175,8 +173,7 @@ def stored_profile(session: Session, base: m.BaseModel, metric: str, protocol: i
     spec = spec_of(base)
     variants = profile_variants(spec)
     ids = [full(spec).arch_id(base.name)] + [v.architecture.arch_id(base.name) for v in variants]
-    own = [protocol] if isinstance(protocol, int) else []
-    for pid in [*own, *reads.cheaper_fidelities(session, base, metric, protocol)]:
+    for pid in [protocol_id, *reads.cheaper_fidelities(session, base, metric, protocol_id)]:
         values = reads.values_under(session, base, ids, metric, session.get(m.Protocol, pid).key)
         measured = [values.get(i) for i in ids[1:]]
         count = sum(v is not None for v in measured)

@@ -363,16 +363,16 @@ class Verifier:
 
     def _stored_profile(self, campaign: Campaign, metric: str) -> Any:
         """The archive's profile of ``metric`` under a cheap fidelity of ``campaign``'s protocol
-        (``training.stored_profile``: the most tokens first; the protocol itself need not be in the
-        archive), or None."""
+        (``training.stored_profile``: the most tokens first), or None."""
         from archopt.archdb import models as m
         from sqlalchemy import select
         from .training import stored_profile
-        protocol = campaign.evaluator.tasks[metric].protocol
+        key = campaign.protocol_keys()[metric]
         with self.archive.read() as session:
-            pid = session.scalar(select(m.Protocol.id).where(m.Protocol.key == protocol.key()))
-            found = stored_profile(session, reads.get_base_model(session, self.model), metric,
-                                   protocol if pid is None else pid)
+            pid = session.scalar(select(m.Protocol.id).where(m.Protocol.key == key))
+            if pid is None:
+                return None
+            found = stored_profile(session, reads.get_base_model(session, self.model), metric, pid)
         return None if found is None else found[0]
 
     def measure_cheap(self, archs: Sequence[Architecture], doc: dict[str, Any],
