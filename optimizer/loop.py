@@ -94,6 +94,7 @@ class LoopRound:
     screened: int = 0                   # architectures measured at the cheap fidelity this round
     seconds_screen: float = 0.0
     starts: list[str] = field(default_factory=list)   # of ``verified``: the strong starts measured first
+    start_names: dict[str, str] = field(default_factory=dict)   # start arch id -> its name ("profile-1", ...)
 
 
 @dataclass
@@ -239,6 +240,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
             with archive.read() as session:
                 spec = spec_of(reads.get_base_model(session, doc["model"]))
         start_ids: list[str] = []
+        start_names: dict[str, str] = {}
         start_pred: dict[str, float] = {}
         tm = 0.0
         if r == 0 and starts:
@@ -254,6 +256,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 measure([from_layer_dicts(spec, p["layers"]) for p in rows], rows, doc)
                 tm = time.perf_counter() - t
                 start_ids = [p["arch_id"] for p in rows]
+                start_names = {p["arch_id"]: p["start"] for p in rows}
                 start_pred = {p["arch_id"]: float(p["predicted"].get(objective, math.nan)) for p in rows}
                 chosen.update(start_ids)
                 spent += len(start_ids)
@@ -265,7 +268,8 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
                 tq += time.perf_counter() - t
         if k <= 0:
             report.rounds.append(LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})),
-                                           start_ids, start_pred, round(tq, 3), round(tm, 3), starts=start_ids))
+                                           start_ids, start_pred, round(tq, 3), round(tm, 3), starts=start_ids,
+                                           start_names=start_names))
             report.stopped = "budget"
             break
         near = _neighbour_rows(archive, doc, spec, objective, pool, request.seed + 7919 * (r + 1)) if local else []
@@ -302,7 +306,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
             if start_ids:
                 report.rounds.append(LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})),
                                                start_ids, start_pred, round(tq, 3), round(tm, 3), n_screened,
-                                               round(ts, 3), starts=start_ids))
+                                               round(ts, 3), starts=start_ids, start_names=start_names))
             report.stopped = "nothing new"
             break
         archs = [from_layer_dicts(spec, p["layers"]) for p in picks]
@@ -314,7 +318,7 @@ def verify_loop(archive: Archive, request: QueryRequest, *, verify: int, rounds:
         spent += len(ids)
         rnd = LoopRound(r + 1, doc.get("query_id"), dict(doc.get("predictor_versions", {})), start_ids + ids,
                         {**start_pred, **{p["arch_id"]: float(p["predicted"][objective]) for p in picks}},
-                        round(tq, 3), round(tm, 3), n_screened, round(ts, 3), starts=start_ids)
+                        round(tq, 3), round(tm, 3), n_screened, round(ts, 3), starts=start_ids, start_names=start_names)
         report.rounds.append(rnd)
         if on_round is not None:
             on_round(rnd, doc)

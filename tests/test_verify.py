@@ -13,6 +13,7 @@ from archopt.archdb import models as m
 from archopt.archdb.arch import BaseSpec
 from archopt.optimizer.campaign import EvalSettings
 from archopt.optimizer.profile import profile_variants
+from archopt.optimizer.starts import RULES, start_origin
 from archopt.optimizer.verify import measurement_settings
 
 from helpers.cli_runs import evaluate
@@ -137,8 +138,11 @@ def test_one_round_verifies_the_best_ranked_starts_within_k(run_cli, sqlite_url,
             origins = {a.arch_hash: a.origin for a in session.scalars(select(m.Architecture))}
     finally:
         archive.close()
-    assert origins[first["starts"][0]] == "search"   # the profile's integer-program solution leads
-    assert origins[first["starts"][1]] in {"rule", "uniform"}
+    names = first["start_names"]
+    assert names[first["starts"][0]] == "profile-1"   # the profile's integer-program solution leads
+    assert origins[first["starts"][0]] == "search"
+    second = names[first["starts"][1]]   # then the rule of thumb or global allocation ranked best
+    assert second in {*RULES, "flap", "global_raw"} and origins[first["starts"][1]] == start_origin(second)
 
     def profile_tokens() -> list[tuple[str, str, str, int, int]]:
         archive = Archive(sqlite_url)
