@@ -117,10 +117,10 @@ def method_archopt(bench: Bench, target: int, lo: int, tol: float, seed: int, na
             profile = (kl_measured_profile(bench, run, seed) if kl_profile
                        else measured_profile(bench, run, campaign if profile_features else None))
             if profile is not None:
-                from archopt.optimizer.profile import profile_solutions, profile_starts
+                from archopt.optimizer.profile import profile_solutions
                 from archopt.optimizer.verify import PROPOSALS
                 solutions = profile_solutions(profile, lo, target, PROPOSALS)
-                kwargs["starts"] += profile_starts(profile, lo, target)   # as Verifier.strong_starts
+                kwargs["starts"] += [(f"profile-{i + 1}", a) for i, a in enumerate(solutions[:2])]
                 if proposals:   # what Verifier.proposals offers each round
                     kwargs["proposals"] = solutions
             run.notes["starts"] = len(kwargs["starts"])

@@ -184,7 +184,7 @@ def _curve(points: Sequence[tuple[int, float]], full: int) -> np.ndarray:
 
 
 def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | None = None,
-          exclude: Sequence[Architecture] = (), allow_drop: bool = True, attention: bool = True) -> Architecture | None:
+          exclude: Sequence[Architecture] = (), allow_drop: bool = True) -> Architecture | None:
     """The architecture of least total damage with ``lo <= params <= target`` (None if none fits),
     choosing per layer a number of KV groups, an MLP width on a grid of ``GRID`` steps (damage
     interpolated), or dropping it (unless ``allow_drop`` is off); ``layers`` limits what may change;
@@ -200,7 +200,7 @@ def solve(profile: Profile, lo: int, target: int, *, layers: Sequence[int] | Non
     cost: list[float] = []
     size: list[int] = []
     for layer in range(spec.num_layers):
-        attn_levels = range(1, spec.num_kv_heads + 1) if attention and layer in free else [spec.num_kv_heads]
+        attn_levels = range(1, spec.num_kv_heads + 1) if layer in free else [spec.num_kv_heads]
         for kv in attn_levels:
             d = profile.attn_damage(layer, kv)
             if d is not None:
@@ -263,16 +263,9 @@ def profile_solutions(profile: Profile, lo: int, target: int, n: int, allow_drop
 def profile_starts(profile: Profile, lo: int, target: int, n: int = 2,
                    allow_drop: bool = False) -> list[tuple[str, Architecture]]:
     """The ``n`` least-damage architectures in ``[lo, target]`` (``profile_solutions``), named
-    ``profile-1``, ``profile-2``, ..., and ``profile-mlp``, the least-damage one that keeps every
-    layer's attention whole (when none of those does): starts for the verification rounds."""
-    found = [(f"profile-{i + 1}", arch)
-             for i, arch in enumerate(profile_solutions(profile, lo, target, n, allow_drop))]
-    whole = profile.spec.num_kv_heads
-    if not any(all(not l.dropped and l.kv_heads == whole for l in arch.layers) for _, arch in found):
-        mlp = solve(profile, lo, target, allow_drop=False, attention=False)
-        if mlp is not None:
-            found.append(("profile-mlp", mlp))
-    return found
+    ``profile-1``, ``profile-2``, ...: starts for the verification rounds."""
+    return [(f"profile-{i + 1}", arch)
+            for i, arch in enumerate(profile_solutions(profile, lo, target, n, allow_drop))]
 
 
 def _columns_of(arch: Architecture, cols: Sequence[tuple[int, str, int]]) -> list[int]:
