@@ -34,6 +34,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                           intermediate_size=48, num_hidden_layers=3, sliding_window=None)),
     "llama_deep": ("LlamaConfig", dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
                                        intermediate_size=32, num_hidden_layers=32)),
+    # SmolLM-135M's shape, scaled down: 30 layers, 9 query / 3 KV heads, head_dim set (9 x 8 != 54), tied embeddings
+    "llama_smol_shape": ("LlamaConfig", dict(hidden_size=54, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                                             intermediate_size=64, num_hidden_layers=30, tie_word_embeddings=True)),
 }
 
 
